@@ -1,0 +1,9 @@
+from kedro.pipeline import Pipeline, node
+
+from .nodes import prepare_images
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [node(prepare_images, ["params:data_preparation", "params:seed"], "prepared_images", name="prepare_images")]
+    )

@@ -1,0 +1,75 @@
+"""Kedro datasets for PH-Reg artifacts; all writes are atomic (temporary file, then rename)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from kedro.io import AbstractDataset, DatasetError
+
+from ph_reg.io import RecordStream, ShardReader, load_tensors, save_tensors, write_json, write_shards
+
+
+class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
+    """A folder of safetensors shards plus ``index.json``. Saves a streamed ``RecordStream``; loads lazily."""
+
+    def __init__(self, path: str, records_per_shard: int = 256, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._records_per_shard = records_per_shard
+        self.metadata = metadata
+
+    def load(self) -> ShardReader:
+        return ShardReader(self._path)
+
+    def save(self, data: RecordStream) -> None:
+        if not isinstance(data, RecordStream):
+            raise DatasetError(f"{self._path}: expected a ph_reg.io.RecordStream, got {type(data).__name__}")
+        write_shards(self._path, data.records, data.records_per_shard or self._records_per_shard, data.attrs)
+
+    def _exists(self) -> bool:
+        return (self._path / "index.json").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "records_per_shard": self._records_per_shard}
+
+
+class SafetensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torch.Tensor]]):
+    """A flat dict of tensors in one safetensors file."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self._path)
+
+    def save(self, data: dict[str, torch.Tensor]) -> None:
+        save_tensors(self._path, data)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class JSONDataset(AbstractDataset[Any, Any]):
+    """JSON with sorted keys, written atomically (DVC metrics and configs)."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        return json.loads(self._path.read_text())
+
+    def save(self, data: Any) -> None:
+        write_json(self._path, data)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -1,0 +1,47 @@
+"""Denoised teacher targets for a store of prepared images, streamed as shard records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+
+import torch
+from tqdm.auto import tqdm
+
+from .denoise import TTADenoiser
+from .models import DenseViT
+from .utils import autocast_dtype, generator, normalize
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def target_dtype(name: str) -> torch.dtype:
+    """The storage dtype of targets by name, with a clear error for others."""
+    if name not in DTYPES:
+        raise ValueError(f"teacher_denoising.target_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.Tensor]], seed: int,
+                            n_views: int = 10, shift_frac: float = 0.15, flip_prob: float = 0.5,
+                            pool_factor: int = 10, batch_size: int = 8, max_images_per_forward: int = 64,
+                            dtype: torch.dtype = torch.float32, progress: bool = True,
+                            ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+    """Yield ``({"target": (h, w, C)}, {"image_index": i})`` for every prepared image, in order.
+
+    The views of each batch come from a generator seeded by ``(seed, first image index)``.
+    """
+    device = next(teacher.parameters()).device
+    amp = autocast_dtype(device)
+    denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(device),
+                           n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
+                           max_images_per_forward=max_images_per_forward)
+    teacher.eval()
+    for start in tqdm(range(0, len(images), batch_size), desc="teacher TTA", disable=not progress):
+        indices = list(range(start, min(start + batch_size, len(images))))
+        batch = normalize(torch.stack([images[i]["image"] for i in indices]), teacher.mean, teacher.std).to(device)
+        context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+        with torch.no_grad(), context:
+            targets = denoiser(batch, generator(seed, "tta", start))
+        for index, target in zip(indices, targets.float().cpu()):
+            yield {"target": target.to(dtype)}, {"image_index": index}

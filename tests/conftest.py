@@ -1,0 +1,58 @@
+"""Shared fixtures: offline environment and a tiny copy of the Kedro project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+for _name in ("HF_HUB_OFFLINE", "KEDRO_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("DVC_DAEMON", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_OPEN_CLIP = {
+    "globals.yml": "seed: 0\nimage_size: 64\n",
+    "parameters.yml": "backbone:\n  arch: open_clip:ph-reg-tiny-ViT-16\n",
+    "parameters_data_preparation.yml": (
+        "data_preparation:\n  max_images: 5\n  crops_per_image: 1\n  val_fraction: 0.4\n  records_per_shard: 2\n"
+    ),
+    "parameters_teacher_denoising.yml": (
+        "teacher_denoising:\n  batch_size: 2\n  max_images_per_forward: 4\n  records_per_shard: 2\n"
+        "  tta:\n    n_views: 3\n"
+    ),
+    "parameters_student_distillation.yml": (
+        "student_distillation:\n  training:\n    epochs: 2\n    batch_size: 2\n    checkpoint_every: 1\n"
+    ),
+    "parameters_evaluation.yml": "evaluation:\n  figure_images: 2\n  batch_size: 2\n",
+}
+
+TINY_TIMM = {
+    **TINY_OPEN_CLIP,
+    "parameters.yml": "backbone:\n  arch: timm:test_vit\n",
+    "parameters_teacher_denoising.yml": TINY_OPEN_CLIP["parameters_teacher_denoising.yml"] + "  head: final_norm\n",
+    "parameters_student_distillation.yml": TINY_OPEN_CLIP["parameters_student_distillation.yml"]
+    + "  head: final_norm\n  num_registers: 4\n",
+}
+
+
+def make_project(root: Path, env_files: dict[str, str], env: str = "tiny") -> Path:
+    """Copy the project's configuration into ``root`` and add a tiny configuration environment ``env``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", ".telemetry", "dvc.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    (root / "conf" / env).mkdir()
+    for name, text in env_files.items():
+        (root / "conf" / env / name).write_text(text)
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project", TINY_OPEN_CLIP)
