@@ -45,6 +45,7 @@ def make_project(root: Path, env_files: dict[str, str], env: str = "tiny") -> Pa
     root.mkdir(parents=True, exist_ok=True)
     for name in ("pyproject.toml", ".telemetry", "dvc.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
+    (root / "src").mkdir()  # ph_reg itself is imported from the installed package
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     (root / "conf" / env).mkdir()

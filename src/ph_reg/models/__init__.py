@@ -1,0 +1,29 @@
+"""Dense ViT backbones (open_clip CLIP and timm ViTs) with post-hoc registers and training-free CLIP heads."""
+
+from .backbone import (
+    DEFAULT_TRAINABLE,
+    BackboneConfig,
+    DenseOutput,
+    DenseViT,
+    WeightsUnavailableError,
+    build_backbone,
+    load_trainable_state_dict,
+    resize_pos_embed,
+    trainable_state_dict,
+)
+from .clip_heads import CLIP_HEADS, NACLIP_SIGMA, naclip_omega
+
+__all__ = [
+    "CLIP_HEADS",
+    "DEFAULT_TRAINABLE",
+    "NACLIP_SIGMA",
+    "BackboneConfig",
+    "DenseOutput",
+    "DenseViT",
+    "WeightsUnavailableError",
+    "build_backbone",
+    "load_trainable_state_dict",
+    "naclip_omega",
+    "resize_pos_embed",
+    "trainable_state_dict",
+]

@@ -1,0 +1,451 @@
+"""Dense ViT backbones with post-hoc registers (PH-Reg).
+
+``build_backbone(config)`` wraps an open_clip CLIP vision tower or a timm ``VisionTransformer`` in a
+:class:`DenseViT` whose forward returns dense patch features ``(B, h, w, C)`` and the CLS feature ``(B, C)``.
+
+- ``m`` post-hoc registers (``randn(m, D) / sqrt(D)``, no positional embedding) take part in every block and
+  never appear in the output. open_clip order: ``[CLS, patches, registers]`` (appended after the positional
+  embedding, before ``ln_pre``); timm order: ``[registers, CLS, (native reg tokens), patches]`` (after
+  ``_pos_embed``, before ``patch_drop``/``norm_pre``).
+- open_clip heads (last block only, see :mod:`.clip_heads`): ``vanilla`` | ``maskclip`` | ``naclip``; every
+  token then goes through ``ln_post`` and ``@ proj``. timm head: ``final_norm`` (the final LayerNormed tokens).
+- The model is built frozen (every ``requires_grad`` False); ``set_trainable`` unlocks parameter groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import open_clip
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .clip_heads import CLIP_HEADS
+
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+open_clip.add_model_config(ARCHITECTURES_DIR)  # makes "open_clip:ph-reg-tiny-ViT-16" available
+
+FAMILIES = ("open_clip", "timm")
+HEADS = {
+    "open_clip": ("default", "vanilla", *CLIP_HEADS),
+    "timm": ("default", "final_norm"),
+}
+DEFAULT_HEAD = {"open_clip": "vanilla", "timm": "final_norm"}
+DEFAULT_TRAINABLE = ("registers", "pos_embed", "patch_embed", "last_block")
+HF_HUB_PREFIX = "hf-hub:"
+RESERVED_TIMM_KWARGS = ("pretrained", "pretrained_cfg_overlay", "img_size", "dynamic_img_size")
+POS_EMBED_INTERPOLATION = "bicubic"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (no network, empty Hugging Face cache or unknown tag)."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What to build: architecture, weights source, resolution, dense head and number of registers.
+
+    ``arch`` is ``"<family>:<name>"`` with family ``open_clip`` (``ViT-B-16``, ``hf-hub:apple/DFN2B-CLIP-ViT-B-16``)
+    or ``timm`` (``vit_base_patch14_dinov2``). ``pretrained`` is an open_clip / timm tag (for ``hf-hub:`` names
+    any non-empty value means "the hub repo's weights"); ``checkpoint`` a local weights file (for OpenAI weights
+    from a file use the ``-quickgelu`` open_clip name). Neither: seeded random weights from ``init_seed``.
+    """
+
+    arch: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    img_size: int = 224
+    head: str = "default"
+    num_registers: int = 0
+    init_seed: int = 0
+    model_kwargs: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        family, sep, name = self.arch.partition(":")
+        if not sep or family not in FAMILIES or not name:
+            raise ValueError(f"arch must be '<family>:<name>' with family one of {FAMILIES}, got {self.arch!r}")
+        if self.head not in HEADS[family]:
+            raise ValueError(f"head {self.head!r} is not valid for {family}; expected one of {HEADS[family]}")
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError("pretrained and checkpoint are mutually exclusive: set at most one of them")
+        for key in ("img_size", "num_registers", "init_seed"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{key} must be an int, got {value!r}")
+        if self.img_size <= 0:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+        if not isinstance(self.model_kwargs, Mapping):
+            raise ValueError(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+
+    @property
+    def family(self) -> str:
+        return self.arch.partition(":")[0]
+
+    @property
+    def model_name(self) -> str:
+        return self.arch.partition(":")[2]
+
+    @property
+    def resolved_head(self) -> str:
+        return DEFAULT_HEAD[self.family] if self.head == "default" else self.head
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BackboneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BackboneConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DenseOutput(NamedTuple):
+    patch: Tensor  # (B, h, w, C): patch tokens only, never CLS or registers
+    cls: Tensor  # (B, C)
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                     num_prefix_tokens: int = 1) -> Tensor:
+    """Resize the patch part of a (prefix + gh * gw, D) positional embedding bicubically (align_corners False,
+    explicit output size); prefix rows (CLS) are kept. Returns ``pos_embed`` itself when the grid is unchanged."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=POS_EMBED_INTERPOLATION, align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
+    return torch.cat([prefix, grid], dim=0)
+
+
+class DenseViT(nn.Module):
+    """Base class: registers, normalisation, trainable groups. Subclasses implement the family's forward."""
+
+    def __init__(self, config: BackboneConfig, vit: nn.Module, patch_size: int, embed_dim: int, width: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.config = config
+        self.vit = vit
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.num_registers = config.num_registers
+        if config.num_registers > 0:
+            generator = torch.Generator().manual_seed(config.init_seed)
+            init = torch.randn(config.num_registers, width, generator=generator) / math.sqrt(width)
+            self.registers = nn.Parameter(init)
+        else:
+            self.register_parameter("registers", None)
+        self.requires_grad_(False)
+
+    @property
+    def head(self) -> str:
+        return self.config.resolved_head
+
+    def fill_value(self) -> Tensor:
+        """(3,) value of a white pixel in the model's input normalisation: ``(1 - mean) / std``."""
+        device = next(self.parameters()).device
+        mean = torch.tensor(self.mean, device=device)
+        std = torch.tensor(self.std, device=device)
+        return (1 - mean) / std
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size or height <= 0 or width <= 0:
+            raise ValueError(f"image size {height}x{width} must be positive and divisible by the patch size "
+                             f"{self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, images: Tensor) -> DenseOutput:
+        """Dense features of normalised images (B, 3, H, W), H and W divisible by the patch size."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        grid = self.grid_size(images.shape[-2], images.shape[-1])
+        return self._forward_dense(images, grid)
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+        raise NotImplementedError
+
+    def _expand_registers(self, x: Tensor) -> Tensor:
+        return self.registers.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    # --- trainable parameter groups
+    def _blocks_prefix(self) -> tuple[str, int]:
+        """(parameter-name prefix of the transformer blocks, number of blocks)."""
+        raise NotImplementedError
+
+    def _named_groups(self) -> dict[str, list[str]]:
+        """Group name -> fnmatch patterns over parameter names (blocks are handled separately)."""
+        raise NotImplementedError
+
+    def _group_patterns(self, name: str) -> list[str]:
+        if name == "last_block":
+            name = "block:-1"
+        if name.startswith("block:"):
+            prefix, depth = self._blocks_prefix()
+            try:
+                index = int(name.removeprefix("block:"))
+            except ValueError:
+                raise ValueError(f"trainable group {name!r}: expected 'block:<int>' (e.g. 'block:-2')") from None
+            if not -depth <= index < depth:
+                raise ValueError(f"trainable group {name!r}: block index out of range for {depth} blocks")
+            return [f"{prefix}.{index % depth}.*"]
+        return self._named_groups().get(name, [name])
+
+    def set_trainable(self, names: Sequence[str]) -> list[str]:
+        """Freeze everything, then unlock the named groups; return the sorted names of the unlocked parameters.
+
+        Groups: ``registers``, ``pos_embed``, ``patch_embed``, ``last_block``, ``block:<index>`` (negative indices
+        allowed), or else an fnmatch pattern on parameter names. ``registers`` with no registers matches nothing
+        and is allowed; any other name matching nothing raises ValueError.
+        """
+        if isinstance(names, str):
+            names = [names]
+        params = dict(self.named_parameters())
+        selected: set[str] = set()
+        for name in names:
+            patterns = self._group_patterns(name)
+            matched = {p for p in params if any(fnmatchcase(p, pat) for pat in patterns)}
+            if not matched and name != "registers":
+                raise ValueError(f"trainable group {name!r} matches no parameter of {self.config.arch}; use one of "
+                                 f"{DEFAULT_TRAINABLE}, 'block:<index>' or an fnmatch pattern on parameter names")
+            selected |= matched
+        for pname, param in params.items():
+            param.requires_grad_(pname in selected)
+        return sorted(selected)
+
+
+class OpenClipDenseViT(DenseViT):
+    """open_clip CLIP vision tower; tokens ``[CLS, patches, registers]``; last block replaced by the head."""
+
+    def __init__(self, config: BackboneConfig, vit: OpenClipVisionTransformer):
+        _check_open_clip_tower(config, vit)
+        patch = vit.patch_size[0]
+        if config.img_size % patch:
+            raise ValueError(f"img_size {config.img_size} must be divisible by the patch size {patch}")
+        width = vit.transformer.width
+        embed_dim = vit.proj.shape[1] if vit.proj is not None else width
+        pp = getattr(vit, "preprocess_cfg", {}) or {}
+        super().__init__(config, vit, patch, embed_dim, width,
+                         pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD))
+        # resize the stored positional embedding to the training/inference grid
+        new_grid = (config.img_size // patch,) * 2
+        with torch.no_grad():
+            pos = resize_pos_embed(vit.positional_embedding.data, tuple(vit.grid_size), new_grid)
+        vit.positional_embedding = nn.Parameter(pos.contiguous(), requires_grad=False)
+        vit.grid_size = new_grid
+        vit.image_size = (config.img_size, config.img_size)
+
+    def pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Positional embedding for a grid: the stored one at the build grid, else re-interpolated from it."""
+        return resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), grid)
+
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+        transformer = self.vit.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks:
+            if transformer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+        vit = self.vit
+        x = vit.conv1(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls_token = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_token, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        if self.registers is not None:
+            x = torch.cat([x, self._expand_registers(x)], dim=1)
+        x = vit.ln_pre(x)
+        blocks = vit.transformer.resblocks
+        if self.head == "vanilla":
+            y = self._run_blocks(blocks, x)
+        else:
+            x = self._run_blocks(blocks[:-1], x)
+            y = CLIP_HEADS[self.head](blocks[-1], x, grid=grid, num_registers=self.num_registers)
+        y = vit.ln_post(y)
+        if vit.proj is not None:
+            y = y @ vit.proj
+        num_patches = grid[0] * grid[1]
+        patch = y[:, 1:1 + num_patches].reshape(y.shape[0], *grid, y.shape[-1])
+        return DenseOutput(patch=patch, cls=y[:, 0])
+
+    def _blocks_prefix(self) -> tuple[str, int]:
+        return "vit.transformer.resblocks", len(self.vit.transformer.resblocks)
+
+    def _named_groups(self) -> dict[str, list[str]]:
+        return {"registers": ["registers"], "pos_embed": ["vit.positional_embedding"], "patch_embed": ["vit.conv1.*"]}
+
+
+class TimmDenseViT(DenseViT):
+    """timm VisionTransformer; tokens ``[registers, CLS, (native reg tokens), patches]``; final norm output."""
+
+    def __init__(self, config: BackboneConfig, vit: TimmVisionTransformer):
+        if not isinstance(vit, TimmVisionTransformer):
+            raise ValueError(f"{config.arch} is a {type(vit).__name__}, expected a timm VisionTransformer")
+        if not isinstance(vit.patch_drop, nn.Identity):
+            raise ValueError(f"{config.arch}: patch dropout is not supported (dense output needs every patch)")
+        patch_h, patch_w = vit.patch_embed.patch_size
+        if patch_h != patch_w:
+            raise ValueError(f"{config.arch}: non-square patches {patch_h}x{patch_w} are not supported")
+        cfg = vit.pretrained_cfg or {}
+        super().__init__(config, vit, patch_h, vit.embed_dim, vit.embed_dim,
+                         cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+        vit = self.vit
+        x = vit.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
+        x = vit._pos_embed(x)  # (B, prefix + h*w, D)
+        if self.registers is not None:
+            x = torch.cat([self._expand_registers(x), x], dim=1)
+        x = vit.norm_pre(vit.patch_drop(x))
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            for block in vit.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = vit.blocks(x)
+        x = vit.norm(x)
+        num_patches = grid[0] * grid[1]
+        patch = x[:, -num_patches:].reshape(x.shape[0], *grid, x.shape[-1])
+        cls = x[:, self.num_registers] if vit.cls_token is not None else patch.mean(dim=(1, 2))
+        return DenseOutput(patch=patch, cls=cls)
+
+    def _blocks_prefix(self) -> tuple[str, int]:
+        return "vit.blocks", len(self.vit.blocks)
+
+    def _named_groups(self) -> dict[str, list[str]]:
+        return {"registers": ["registers"], "pos_embed": ["vit.pos_embed"], "patch_embed": ["vit.patch_embed.*"]}
+
+
+def _check_open_clip_tower(config: BackboneConfig, vit: nn.Module) -> None:
+    if not isinstance(vit, OpenClipVisionTransformer):
+        raise ValueError(f"{config.arch} has a {type(vit).__name__} vision tower; only open_clip's "
+                         "VisionTransformer is supported")
+    if vit.attn_pool is not None:
+        raise ValueError(f"{config.arch}: attentional pooling towers are not supported")
+    if not isinstance(vit.patch_dropout, nn.Identity):
+        raise ValueError(f"{config.arch}: patch dropout is not supported (dense output needs every patch)")
+    if vit.patch_size[0] != vit.patch_size[1]:
+        raise ValueError(f"{config.arch}: non-square patches {vit.patch_size} are not supported")
+
+
+def _weights_unavailable(config: BackboneConfig, exc: Exception, hint: str = "") -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"could not fetch pretrained weights for arch {config.arch!r} with pretrained={config.pretrained!r}: {exc}. "
+        f"{hint}This needs network access once to fill the Hugging Face cache (run once with network and "
+        "HF_HUB_OFFLINE unset), or pass `checkpoint:` with a downloaded weights file."
+    )
+
+
+def _build_open_clip(config: BackboneConfig) -> OpenClipVisionTransformer:
+    name = config.model_name
+    kwargs = dict(config.model_kwargs)
+    if name.startswith(HF_HUB_PREFIX):
+        # config (and weights) come from the hub repo; open_clip ignores `pretrained` for hf-hub names
+        try:
+            model = open_clip.create_model(name, load_weights=config.pretrained is not None,
+                                           require_pretrained=config.pretrained is not None, **kwargs)
+        except Exception as exc:
+            raise _weights_unavailable(config, exc) from exc
+        if config.checkpoint is not None:
+            open_clip.load_checkpoint(model, config.checkpoint, strict=True)
+        return model.visual
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+    if config.pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, config.pretrained)
+        hint = "" if tag_cfg else (f"Known tags for {name}: {open_clip.list_pretrained_tags_by_model(name)}. ")
+        try:
+            model = open_clip.create_model(name, pretrained=config.pretrained, require_pretrained=True,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **kwargs)
+        except Exception as exc:
+            raise _weights_unavailable(config, exc, hint) from exc
+    else:
+        model = open_clip.create_model(name, pretrained=config.checkpoint, **kwargs)
+    return model.visual
+
+
+def _build_timm(config: BackboneConfig) -> TimmVisionTransformer:
+    name, tag = config.model_name, config.pretrained
+    reserved = sorted(set(config.model_kwargs) & set(RESERVED_TIMM_KWARGS))
+    if reserved:
+        raise ValueError(f"model_kwargs may not set {reserved}: they come from the other BackboneConfig fields")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm architecture {name!r}; see timm.list_models()")
+    kwargs = dict(config.model_kwargs, img_size=config.img_size, dynamic_img_size=True)
+    if config.checkpoint is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=config.checkpoint)
+    full_name = f"{name}.{tag}" if tag else name
+    try:
+        vit = timm.create_model(full_name, pretrained=bool(tag or config.checkpoint), **kwargs)
+    except Exception as exc:
+        if tag is None:
+            raise
+        raise _weights_unavailable(config, exc) from exc
+    vit.reset_classifier(0)  # the classification head is never used
+    return vit
+
+
+def build_backbone(config: BackboneConfig | Mapping[str, Any]) -> DenseViT:
+    """Build the frozen dense backbone described by ``config`` (a BackboneConfig or its dict form).
+
+    Two builds from the same config give bit-identical weights (random init is seeded with ``init_seed``).
+    """
+    if not isinstance(config, BackboneConfig):
+        config = BackboneConfig.from_dict(config)
+    if config.checkpoint is not None and not os.path.isfile(config.checkpoint):
+        raise FileNotFoundError(
+            f"checkpoint file not found: {config.checkpoint}. Download the {config.arch} weights once on a machine "
+            "with network access (e.g. `huggingface-cli download <repo> <file>`, or build once with `pretrained:` "
+            "set to fill the Hugging Face cache) and point `checkpoint:` at the local file."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        if config.family == "open_clip":
+            return OpenClipDenseViT(config, _build_open_clip(config))
+        return TimmDenseViT(config, _build_timm(config))
+
+
+def trainable_state_dict(model: DenseViT) -> dict[str, Tensor]:
+    """The parameters with ``requires_grad``, as detached contiguous CPU copies keyed by parameter name."""
+    return {name: p.detach().to("cpu", copy=True).contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: DenseViT, state: Mapping[str, Tensor]) -> None:
+    """Copy ``state`` into the model's parameters (strict).
+
+    Every key must name a model parameter with the same shape, and every currently trainable parameter
+    (``requires_grad``) must be present; otherwise ValueError naming the offending keys.
+    """
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    mismatched = sorted(f"{n}: {tuple(state[n].shape)} vs model {tuple(params[n].shape)}"
+                        for n in state if n in params and tuple(state[n].shape) != tuple(params[n].shape))
+    if unknown or missing or mismatched:
+        raise ValueError(f"state dict does not match the model's trainable parameters: unknown keys {unknown}, "
+                         f"missing keys {missing}, shape mismatches {mismatched}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
