@@ -27,7 +27,8 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     student = build_student_from_config(student_config)
     load_trainable_state_dict(student, student_weights)
     student.to(device)
-    indices = images.indices(split=params["split"])
+    # first crops first, so the figure shows distinct photos
+    indices = sorted(images.indices(split=params["split"]), key=lambda i: (images.meta(i)["crop"], i))
     report, figure = artifact_evaluation(teacher, student, images, targets, indices, outlier_k=params["outlier_k"],
                                          batch_size=params["batch_size"], figure_images=params["figure_images"])
     backbone = student_config["backbone"]
