@@ -40,12 +40,19 @@ TINY_TIMM = {
 }
 
 
-def make_project(root: Path, env_files: dict[str, str], env: str = "tiny") -> Path:
-    """Copy the project's configuration into ``root`` and add a tiny configuration environment ``env``."""
+def make_project(root: Path, env_files: dict[str, str], env: str = "tiny", copy_src: bool = False) -> Path:
+    """Copy the project's configuration into ``root`` and add a tiny configuration environment ``env``.
+
+    ``copy_src`` copies ``src/`` too (DVC hashes it as a dependency); otherwise ``src/`` is empty and ``ph_reg`` is
+    imported from the installed package.
+    """
     root.mkdir(parents=True, exist_ok=True)
     for name in ("pyproject.toml", ".telemetry", "dvc.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / "src").mkdir()  # ph_reg itself is imported from the installed package
+    if copy_src:
+        shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    else:
+        (root / "src").mkdir()  # ph_reg itself is imported from the installed package
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     (root / "conf" / env).mkdir()
