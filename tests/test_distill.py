@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
+from ph_reg.models import DenseOutput
 from ph_reg.distill import (DistillConfig, distill, distillation_loss, exponential_lr, lr_during_epoch,
                             parameter_groups)
 
@@ -36,7 +36,7 @@ def test_schedule_matches_formula():
 
 
 class TinyDense(nn.Module):
-    """A stand-in student: a linear map on pixel patches, returning a DenseOutput-like object."""
+    """A stand-in student: a linear map on pixel patches, returning a DenseOutput like DenseViT."""
 
     def __init__(self):
         super().__init__()
@@ -46,12 +46,22 @@ class TinyDense(nn.Module):
         self.frozen.requires_grad_(False)
 
     def forward(self, x):
-        out = self.proj(x.permute(0, 2, 3, 1)) + self.registers.sum(0)
+        patch = self.proj(x.permute(0, 2, 3, 1)) + self.registers.sum(0)
+        return DenseOutput(patch, patch.mean((1, 2)))
 
-        class Out:
-            patch = out
 
-        return Out
+class Pairs(torch.utils.data.Dataset):
+    """Indexed by (epoch, i) like the real datasets."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, item):
+        _, i = item
+        return self.x[i], self.y[i]
 
 
 def _dataset(n=6, poison=None):
@@ -60,7 +70,7 @@ def _dataset(n=6, poison=None):
     y = torch.randn(n, 2, 2, 4, generator=gen)
     if poison is not None:
         y[poison] = float("nan")
-    return TensorDataset(x, y)
+    return Pairs(x, y)
 
 
 def _state(model):
@@ -132,3 +142,29 @@ def test_resume_is_bit_identical(tmp_path):
     other = fresh()
     distill(other, _dataset(), config, seed=4, progress=False)
     assert not torch.equal(_state(other)["proj.weight"], _state(full)["proj.weight"])
+
+
+def _train_weights(config, n=8):
+    torch.manual_seed(0)
+    model = TinyDense()
+    distill(model, _dataset(n), config, seed=5, progress=False)
+    return _state(model)
+
+
+def test_gradient_accumulation_matches_large_batch():
+    big = _train_weights(DistillConfig(epochs=2, batch_size=4, lr=1e-2, lr_end=1e-3))
+    accumulated = _train_weights(DistillConfig(epochs=2, batch_size=2, accumulate_grad_batches=2, lr=1e-2, lr_end=1e-3))
+    assert DistillConfig(batch_size=2, accumulate_grad_batches=2).global_batch_size == 4
+    for name, value in big.items():
+        torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_two_process_ddp_matches_one_process():
+    single = _train_weights(DistillConfig(epochs=2, batch_size=4, lr=1e-2, lr_end=1e-3, accelerator="cpu"))
+    ddp_config = DistillConfig(epochs=2, batch_size=2, devices=2, lr=1e-2, lr_end=1e-3, accelerator="cpu")
+    assert ddp_config.global_batch_size == 4
+    ddp = _train_weights(ddp_config)
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, atol=1e-6, rtol=1e-5)
+    other = _train_weights(DistillConfig(epochs=2, batch_size=2, lr=1e-2, lr_end=1e-3))  # half the global batch
+    assert not torch.allclose(other["proj.weight"], single["proj.weight"], atol=1e-6)

@@ -66,9 +66,10 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 class ShardWriter:
-    """Stream records (dicts of equally-shaped tensors) into a shard store.
+    """Stream records (dicts of tensors; shapes may differ between records) into a shard store.
 
-    Use as a context manager; the index is written only when the block exits without error.
+    Record ``r`` of a shard stores its tensors under the keys ``"<r>/<name>"``. Use as a context manager; the
+    index is written only when the block exits without error.
     """
 
     def __init__(self, folder: str | os.PathLike, records_per_shard: int = 256, attrs: Mapping[str, Any] | None = None):
@@ -77,7 +78,8 @@ class ShardWriter:
         self.folder = Path(folder)
         self.records_per_shard = records_per_shard
         self.attrs = dict(attrs or {})
-        self._pending: list[Mapping[str, torch.Tensor]] = []
+        self._pending: dict[str, torch.Tensor] = {}
+        self._rows = 0
         self._entries: list[dict[str, Any]] = []
         self._shards: list[str] = []
         self._keys: tuple[str, ...] | None = None
@@ -91,25 +93,29 @@ class ShardWriter:
             old.unlink()
         return self
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def add(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
         keys = tuple(sorted(tensors))
         if self._keys is None:
             self._keys = keys
         elif keys != self._keys:
             raise ValueError(f"every record of {self.folder} must have the keys {self._keys}, got {keys}")
-        self._pending.append({k: v.detach().cpu() for k, v in tensors.items()})
-        self._entries.append({"shard": len(self._shards), "row": len(self._pending) - 1, **dict(meta or {})})
-        if len(self._pending) == self.records_per_shard:
+        for key, value in tensors.items():
+            self._pending[f"{self._rows}/{key}"] = value.detach().cpu()
+        self._entries.append({"shard": len(self._shards), "row": self._rows, **dict(meta or {})})
+        self._rows += 1
+        if self._rows == self.records_per_shard:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._rows:
             return
         name = SHARD_PATTERN.format(len(self._shards))
-        stacked = {k: torch.stack([r[k] for r in self._pending]) for k in self._keys or ()}
-        save_tensors(self.folder / name, stacked)
+        save_tensors(self.folder / name, self._pending)
         self._shards.append(name)
-        self._pending = []
+        self._pending, self._rows = {}, 0
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -128,12 +134,11 @@ def write_shards(folder: str | os.PathLike, records: Iterable[tuple[Mapping[str,
     with ShardWriter(folder, records_per_shard, attrs) as writer:
         for tensors, meta in records:
             writer.add(tensors, meta)
-        count = len(writer._entries)
-    return count
+    return len(writer)
 
 
 class ShardReader(Sequence):
-    """Random access to a shard store; holds at most one shard in memory at a time."""
+    """Random access to a shard store: reads only the tensors of the record asked for."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -149,22 +154,28 @@ class ShardReader(Sequence):
         self.keys: list[str] = data["keys"]
         self.shards: list[str] = data["shards"]
         self.records: list[dict[str, Any]] = data["records"]
-        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._handles: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # open file handles do not pickle (DataLoader workers, DDP spawn)
+        return {**self.__dict__, "_handles": {}}
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _shard(self, number: int) -> dict[str, torch.Tensor]:
-        if self._cache is None or self._cache[0] != number:
-            self._cache = (number, load_tensors(self.folder / self.shards[number]))
-        return self._cache[1]
+    def _handle(self, number: int):
+        if number not in self._handles:
+            path = self.folder / self.shards[number]
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in {self.folder / INDEX_NAME} is missing")
+            self._handles[number] = safe_open(str(path), framework="pt")
+        return self._handles[number]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {self.folder} ({len(self)} records)")
         entry = self.records[i]
-        shard = self._shard(entry["shard"])
-        return {k: shard[k][entry["row"]] for k in self.keys}
+        handle = self._handle(entry["shard"])
+        return {k: handle.get_tensor(f"{entry['row']}/{k}") for k in self.keys}
 
     def meta(self, i: int) -> dict[str, Any]:
         return self.records[i]
@@ -174,7 +185,7 @@ class ShardReader(Sequence):
         return [i for i, r in enumerate(self.records) if all(r.get(k) == v for k, v in where.items())]
 
     def stack(self, key: str, indices: Sequence[int]) -> torch.Tensor:
-        """Stack one tensor key over the given records."""
+        """Stack one tensor key over the given records (which must share its shape)."""
         return torch.stack([self[i][key] for i in indices])
 
 

@@ -1,0 +1,77 @@
+"""Dense-task datasets: readers for the standard on-disk layouts and the synthetic benchmark."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+from .base import IGNORE_INDEX, DenseDataset, DenseSample
+from .classes import CLASS_NAMES
+from .readers import (
+    ADE20K,
+    EIGEN_CROP,
+    COCOObject,
+    COCOStuff,
+    Cityscapes,
+    NYUv2Depth,
+    PascalContext,
+    VOCSegmentation,
+    apply_eigen_crop_mask,
+    eigen_crop_mask,
+)
+from .synthetic import Scene, SyntheticScenes, render_scene, sample_scene
+
+#: ``build_dataset`` types -> dataset classes.
+DATASETS: dict[str, type[DenseDataset]] = {
+    "voc": VOCSegmentation,
+    "ade20k": ADE20K,
+    "pascal_context": PascalContext,
+    "coco_stuff": COCOStuff,
+    "coco_object": COCOObject,
+    "cityscapes": Cityscapes,
+    "nyuv2": NYUv2Depth,
+    "synthetic": SyntheticScenes,
+}
+
+
+def build_dataset(spec: Mapping) -> DenseDataset:
+    """A dataset from a config mapping: ``{"type": <one of DATASETS>, **constructor arguments}``.
+
+    Example: ``{"type": "pascal_context", "root": "data/VOCdevkit/VOC2010", "split": "val", "num_classes": 59}``.
+    """
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise ValueError(f"dataset spec must be a mapping with a 'type' key (one of {sorted(DATASETS)}), got {spec!r}")
+    kwargs = dict(spec)
+    kind = kwargs.pop("type")
+    if kind not in DATASETS:
+        raise ValueError(f"dataset spec: unknown type {kind!r}; expected one of {sorted(DATASETS)}")
+    cls = DATASETS[kind]
+    accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"dataset spec for {kind!r}: unknown keys {unknown}; accepted keys are {accepted}")
+    return cls(**kwargs)
+
+
+__all__ = [
+    "ADE20K",
+    "CLASS_NAMES",
+    "COCOObject",
+    "COCOStuff",
+    "Cityscapes",
+    "DATASETS",
+    "DenseDataset",
+    "DenseSample",
+    "EIGEN_CROP",
+    "IGNORE_INDEX",
+    "NYUv2Depth",
+    "PascalContext",
+    "Scene",
+    "SyntheticScenes",
+    "VOCSegmentation",
+    "apply_eigen_crop_mask",
+    "build_dataset",
+    "eigen_crop_mask",
+    "render_scene",
+    "sample_scene",
+]
