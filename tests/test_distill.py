@@ -168,3 +168,41 @@ def test_two_process_ddp_matches_one_process():
         torch.testing.assert_close(ddp[name], value, atol=1e-6, rtol=1e-5)
     other = _train_weights(DistillConfig(epochs=2, batch_size=2, lr=1e-2, lr_end=1e-3))  # half the global batch
     assert not torch.allclose(other["proj.weight"], single["proj.weight"], atol=1e-6)
+
+
+def test_cached_and_online_targets_agree_for_fixed_crops(tmp_path):
+    """Same fixed crops and the same view draw: cached targets equal online ones, and training agrees exactly."""
+    from ph_reg.data import RandomCrops, StoredImageLoader
+    from ph_reg.distill import OnlineTargets, TargetPairs
+    from ph_reg.io import ShardReader, write_shards
+    from ph_reg.models import build_backbone
+    from ph_reg.targets import denoised_target_records
+
+    config = {"arch": "timm:test_vit", "img_size": 32, "head": "final_norm"}
+    teacher = build_backbone(config)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    write_shards(tmp_path / "images", (({"image": p}, {"split": "train"}) for p in pixels))
+    images = ShardReader(tmp_path / "images")
+    tta = dict(n_views=4, shift_frac=0.5, flip_prob=0.5, pool_factor=10)
+    write_shards(tmp_path / "targets", denoised_target_records(teacher, images, seed=7, batch_size=1, progress=False,
+                                                               **tta))
+    targets = ShardReader(tmp_path / "targets")
+    online = OnlineTargets(teacher, seed=7, **tta)
+    crops = RandomCrops([StoredImageLoader(images, i) for i in range(4)], 32, teacher.mean, teacher.std, seed=7)
+    for i in range(4):
+        image, index = crops[(0, i)]
+        assert torch.equal(online(image[None], 0, [index])[0], targets[i]["target"])
+    assert not torch.equal(online(crops[(1, 0)][0][None], 1, [0])[0], targets[0]["target"])  # fresh views later
+
+    def trained(dataset, online_targets):
+        student = build_backbone({**config, "num_registers": 2})
+        student.set_trainable(["registers", "last_block"])
+        distill(student, dataset, DistillConfig(epochs=1, batch_size=1, lr=1e-3, lr_end=1e-4), seed=7,
+                progress=False, online_targets=online_targets)
+        return _state(student)
+
+    cached_weights = trained(TargetPairs(images, targets, range(4), teacher.mean, teacher.std), None)
+    online_weights = trained(crops, online)
+    for name, value in cached_weights.items():
+        assert torch.equal(value, online_weights[name]), name

@@ -84,3 +84,15 @@ def test_registry_lists_the_pipelines(tiny_project):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in (*COMPONENTS, "distill", "__default__"):
         assert name in result.stdout
+
+
+def test_online_target_mode_end_to_end(tmp_path, monkeypatch):
+    files = {**TINY_OPEN_CLIP, "globals.yml": "seed: 0\nimage_size: 64\ntarget_mode: online\n"}
+    project = make_project(tmp_path / "project", files)
+    monkeypatch.chdir(project)
+    run_session(project, "distill")
+    assert len(ShardReader(project / "data/04_feature/teacher_targets")) == 0  # no cached targets in online mode
+    config = json.loads((project / "data/06_models/student/config.json").read_text())
+    assert config["targets"] == "online"
+    history = (project / "data/07_model_output/loss_history.csv").read_text().splitlines()
+    assert len(history) == 3 and "nan" not in history[-1]

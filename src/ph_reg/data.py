@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .utils import generator
+from torch.utils.data import Dataset
+
+from .utils import generator, normalize
 
 BUILTIN_SOURCE = "builtin:sample_photos"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -105,6 +107,36 @@ def list_folder_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+class SampleLoader:
+    """Picklable loader of one builtin sample photo (for DataLoader workers and DDP processes)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self) -> Image.Image:
+        return _to_rgb_image(SAMPLE_PHOTOS[self.name]())
+
+
+class FileLoader:
+    """Picklable loader of one image file as RGB."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __call__(self) -> Image.Image:
+        return _open_image(self.path)
+
+
+def source_items(source: str) -> list[tuple[str, Callable[[], Image.Image]]]:
+    """``(name, loader)`` for every image of a source, sorted, without loading any image."""
+    if source == BUILTIN_SOURCE:
+        return [(name, SampleLoader(name)) for name in SAMPLE_PHOTOS]
+    if source.startswith("builtin:"):
+        raise ValueError(f"unknown builtin image source {source!r}; the builtin source is {BUILTIN_SOURCE!r}")
+    root = Path(source)
+    return [(str(path.relative_to(root)), FileLoader(path)) for path in list_folder_images(root)]
+
+
 def iter_source_images(source: str, min_side: int = 1, on_error: str = "raise") -> Iterator[tuple[str, Image.Image]]:
     """Yield ``(name, RGB image)`` pairs from a source, one at a time.
 
@@ -113,16 +145,7 @@ def iter_source_images(source: str, min_side: int = 1, on_error: str = "raise") 
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if source == BUILTIN_SOURCE:
-        items: list[tuple[str, Callable[[], Image.Image]]] = [
-            (name, lambda load=load: _to_rgb_image(load())) for name, load in SAMPLE_PHOTOS.items()
-        ]
-    elif source.startswith("builtin:"):
-        raise ValueError(f"unknown builtin image source {source!r}; the builtin source is {BUILTIN_SOURCE!r}")
-    else:
-        root = Path(source)
-        items = [(str(path.relative_to(root)), lambda path=path: _open_image(path)) for path in list_folder_images(root)]
-    for name, load in items:
+    for name, load in source_items(source):
         try:
             image = load()
             if min(image.size) < min_side:
@@ -202,3 +225,36 @@ def prepared_records(config: PreparationConfig, seed: int) -> Iterator[tuple[dic
             yield {"image": patch}, {"name": name, "crop": crop, "top": top, "left": left, "split": split}
     if count == 0:
         raise ValueError(f"image source {config.source!r} yielded no usable image")
+
+
+class RandomCrops(Dataset):
+    """Online mode: item ``(epoch, i)`` is a fresh square crop of image ``i`` (short side resized to ``image_size``,
+    bicubic), drawn from ``(seed, epoch, i)``, normalised; returned with ``i``. An image that is already
+    ``image_size`` square has exactly one crop, so its crop is fixed."""
+
+    def __init__(self, loaders: Sequence[Callable[[], Image.Image]], image_size: int, mean: Sequence[float],
+                 std: Sequence[float], seed: int):
+        if not loaders:
+            raise ValueError("RandomCrops got no images: check the source and data_preparation.val_fraction")
+        self.loaders, self.image_size, self.seed = list(loaders), image_size, seed
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = item
+        image = resize_short_side(self.loaders[i](), self.image_size)
+        (top, left), = random_square_crops(image, self.image_size, 1, generator(self.seed, "online-crop", epoch, i))
+        pixels = to_tensor(image)[:, top : top + self.image_size, left : left + self.image_size]
+        return normalize(pixels[None], self.mean, self.std)[0], i
+
+
+class StoredImageLoader:
+    """Picklable loader of record ``index`` of a prepared-image store, as a PIL image."""
+
+    def __init__(self, store: Sequence[dict[str, torch.Tensor]], index: int):
+        self.store, self.index = store, index
+
+    def __call__(self) -> Image.Image:
+        return Image.fromarray(self.store[self.index]["image"].permute(1, 2, 0).numpy())

@@ -20,6 +20,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
 
 
+def teacher_backbone(backbone: Mapping[str, Any], head: str) -> BackboneConfig:
+    """The teacher: the shared backbone parameters with the teacher head and no registers."""
+    return BackboneConfig.from_dict({**backbone, "head": head, "num_registers": 0})
+
+
+def student_backbone(backbone: Mapping[str, Any], head: str, num_registers: int) -> BackboneConfig:
+    """The student: the shared backbone parameters with the student head and ``num_registers`` registers."""
+    return BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers})
+
+
 def student_config(backbone: BackboneConfig, trainable_groups: Sequence[str], trainable_names: Sequence[str],
                    teacher: BackboneConfig | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The JSON config from which ``load_student`` rebuilds a student."""

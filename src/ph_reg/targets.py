@@ -29,7 +29,8 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
                             ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
     """Yield ``({"target": (h, w, C)}, {"image_index": i})`` for every prepared image, in order.
 
-    The views of each batch come from a generator seeded by ``(seed, first image index)``.
+    The views of each batch come from ``generator(seed, "tta", 0, *image_indices)``: the key online mode uses at
+    epoch 0, so both modes give the same targets for the same fixed crop and batch.
     """
     device = next(teacher.parameters()).device
     amp = autocast_dtype(device)
@@ -42,6 +43,6 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
         batch = normalize(torch.stack([images[i]["image"] for i in indices]), teacher.mean, teacher.std).to(device)
         context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
         with torch.no_grad(), context:
-            targets = denoiser(batch, generator(seed, "tta", start))
+            targets = denoiser(batch, generator(seed, "tta", 0, *indices))
         for index, target in zip(indices, targets.float().cpu()):
             yield {"target": target.to(dtype)}, {"image_index": index}

@@ -7,8 +7,9 @@
   never appear in the output. open_clip order: ``[CLS, patches, registers]`` (appended after the positional
   embedding, before ``ln_pre``); timm order: ``[registers, CLS, (native reg tokens), patches]`` (after
   ``_pos_embed``, before ``patch_drop``/``norm_pre``).
-- open_clip heads (last block only, see :mod:`.clip_heads`): ``vanilla`` | ``maskclip`` | ``naclip``; every
-  token then goes through ``ln_post`` and ``@ proj``. timm head: ``final_norm`` (the final LayerNormed tokens).
+- open_clip heads (last block only, see :mod:`.clip_heads`): ``vanilla`` | ``maskclip`` | ``maskclip_official``
+  | ``sclip`` | ``clearclip`` | ``naclip``; every token then goes through ``ln_post`` and ``@ proj``. timm head:
+  ``final_norm`` (the final LayerNormed tokens).
 - The model is built frozen (every ``requires_grad`` False); ``set_trainable`` unlocks parameter groups.
 """
 
@@ -358,6 +359,11 @@ def _weights_unavailable(config: BackboneConfig, exc: Exception, hint: str = "")
 
 
 def _build_open_clip(config: BackboneConfig) -> OpenClipVisionTransformer:
+    return _create_open_clip(config).visual
+
+
+def _create_open_clip(config: BackboneConfig) -> nn.Module:
+    """The full open_clip model (vision and text towers) of ``config``; the caller seeds the global RNG."""
     name = config.model_name
     kwargs = dict(config.model_kwargs)
     if name.startswith(HF_HUB_PREFIX):
@@ -369,7 +375,7 @@ def _build_open_clip(config: BackboneConfig) -> OpenClipVisionTransformer:
             raise _weights_unavailable(config, exc) from exc
         if config.checkpoint is not None:
             open_clip.load_checkpoint(model, config.checkpoint, strict=True)
-        return model.visual
+        return model
     if open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
     if config.pretrained is not None:
@@ -382,7 +388,7 @@ def _build_open_clip(config: BackboneConfig) -> OpenClipVisionTransformer:
             raise _weights_unavailable(config, exc, hint) from exc
     else:
         model = open_clip.create_model(name, pretrained=config.checkpoint, **kwargs)
-    return model.visual
+    return model
 
 
 def _build_timm(config: BackboneConfig) -> TimmVisionTransformer:
@@ -411,6 +417,28 @@ def build_backbone(config: BackboneConfig | Mapping[str, Any]) -> DenseViT:
 
     Two builds from the same config give bit-identical weights (random init is seeded with ``init_seed``).
     """
+    config = _checked_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        if config.family == "open_clip":
+            return OpenClipDenseViT(config, _build_open_clip(config))
+        return TimmDenseViT(config, _build_timm(config))
+
+
+def build_open_clip_model(config: BackboneConfig | Mapping[str, Any]) -> nn.Module:
+    """The full open_clip CLIP model (vision and text towers) behind ``build_backbone(config)``, frozen, in eval
+    mode: created by the same seeded call, so its ``visual`` has the same weights as the DenseViT's tower (before
+    the positional embedding is resized to ``img_size``). Used for the text tower of zero-shot segmentation."""
+    config = _checked_config(config)
+    if config.family != "open_clip":
+        raise ValueError(f"arch must be an open_clip architecture ('open_clip:<name>'), got {config.arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        model = _create_open_clip(config)
+    return model.requires_grad_(False).eval()
+
+
+def _checked_config(config: BackboneConfig | Mapping[str, Any]) -> BackboneConfig:
     if not isinstance(config, BackboneConfig):
         config = BackboneConfig.from_dict(config)
     if config.checkpoint is not None and not os.path.isfile(config.checkpoint):
@@ -419,11 +447,7 @@ def build_backbone(config: BackboneConfig | Mapping[str, Any]) -> DenseViT:
             "with network access (e.g. `huggingface-cli download <repo> <file>`, or build once with `pretrained:` "
             "set to fill the Hugging Face cache) and point `checkpoint:` at the local file."
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.init_seed)
-        if config.family == "open_clip":
-            return OpenClipDenseViT(config, _build_open_clip(config))
-        return TimmDenseViT(config, _build_timm(config))
+    return config
 
 
 def trainable_state_dict(model: DenseViT) -> dict[str, Tensor]:

@@ -1,0 +1,447 @@
+"""Zero-shot open-vocabulary segmentation harness (SCLIP/NACLIP protocol, as used by PH-Reg).
+
+Per image: resize the short side (bilinear), slide a ``crop`` window with ``stride``; each crop is an independent
+forward pass whose L2-normalised patch features give cosine logits against the query embeddings; these are
+upsampled bilinearly (align_corners False) to the crop, summed into a canvas and divided by the per-pixel window
+count; the canvas is resized bilinearly to the original image size. Then ``P = softmax(logit_scale * cos)`` over all
+queries, each class takes the max over its synonyms, ``pred = argmax`` and pixels whose max probability is below
+``prob_thd`` become class 0 (background). No PAMR. Features are never upsampled, only logits.
+
+A *dense function* maps normalised images (B, 3, H, W) to dense features (B, h, w, C). :func:`make_dense_fn` gives
+one for every head in :data:`ZERO_SHOT_HEADS`: the backbone heads, plus ``maskclip_tta`` ("denoising only": the
+value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.denoise` at inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from ..datasets.base import IGNORE_INDEX, DenseDataset
+from ..denoise import TTADenoiser
+from ..models.backbone import DenseViT
+from ..models.clip_heads import CLIP_HEADS
+from ..utils import autocast_dtype, normalize
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "PAPER_SETTINGS",
+    "TTA_HEADS",
+    "ZERO_SHOT_HEADS",
+    "ZeroShotPrediction",
+    "ZeroShotSettings",
+    "backbone_head",
+    "classify",
+    "evaluate_zero_shot",
+    "image_dense_features",
+    "make_dense_fn",
+    "model_dense_fn",
+    "resize_short_side",
+    "segment_image",
+    "sliding_window_logits",
+    "sliding_windows",
+    "tta_dense_fn",
+    "zero_shot_maps",
+]
+
+DenseFn = Callable[[Tensor], Tensor]
+
+CLIP_MEAN: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_MEAN)  # (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_STD)  # (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_STRIDE = 112
+DEFAULT_LOGIT_SCALE = 40.0
+DEFAULT_BATCH_SIZE = 16  # crops per forward pass
+DEFAULT_PAD_MULTIPLE = 16  # the ViT-B/16 patch size
+DEFAULT_TTA_VIEWS = 10
+DEFAULT_TTA_SHIFT_FRAC = 0.15
+DEFAULT_TTA_FLIP_PROB = 0.5
+DEFAULT_TTA_MAX_IMAGES = 64
+BACKGROUND_CLASS = 0
+
+# harness head -> backbone head run through the TTA denoiser at inference
+TTA_HEADS: dict[str, str] = {"maskclip_tta": "maskclip"}
+ZERO_SHOT_HEADS: tuple[str, ...] = ("vanilla", *CLIP_HEADS, *TTA_HEADS)
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    """Every setting of the harness.
+
+    ``short_side`` None keeps the image size. ``batch_size`` is the number of crops per forward pass. Crops whose
+    side is not a multiple of ``pad_multiple`` (only when the image is smaller than ``crop``) are zero-padded in
+    normalised space, centred as in SCLIP, and the padding is cut off the upsampled logits.
+    """
+
+    short_side: int | None
+    crop: int
+    stride: int = DEFAULT_STRIDE
+    logit_scale: float = DEFAULT_LOGIT_SCALE
+    prob_thd: float = 0.0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    pad_multiple: int = DEFAULT_PAD_MULTIPLE
+
+    def __post_init__(self) -> None:
+        for key in ("crop", "stride", "batch_size", "pad_multiple"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ZeroShotSettings.{key} must be a positive int, got {value!r}")
+        if self.short_side is not None and (not isinstance(self.short_side, int) or self.short_side < 1):
+            raise ValueError(f"ZeroShotSettings.short_side must be a positive int or None, got {self.short_side!r}")
+        if self.stride > self.crop:
+            raise ValueError(f"ZeroShotSettings.stride ({self.stride}) must not exceed crop ({self.crop})")
+        if not self.logit_scale > 0:
+            raise ValueError(f"ZeroShotSettings.logit_scale must be positive, got {self.logit_scale!r}")
+        if not 0.0 <= self.prob_thd <= 1.0:
+            raise ValueError(f"ZeroShotSettings.prob_thd must be in [0, 1], got {self.prob_thd!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ZeroShotSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ZeroShotSettings keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# PH-Reg's per-benchmark settings (method.md section 6); logit_scale 40 and stride 112 everywhere
+PAPER_SETTINGS: dict[str, ZeroShotSettings] = {
+    "voc21": ZeroShotSettings(short_side=448, crop=336, prob_thd=0.1),
+    "context60": ZeroShotSettings(short_side=448, crop=336, prob_thd=0.1),
+    "coco_object": ZeroShotSettings(short_side=336, crop=336, prob_thd=0.1),
+    "voc20": ZeroShotSettings(short_side=336, crop=336),
+    "context59": ZeroShotSettings(short_side=448, crop=336),
+    "coco_stuff": ZeroShotSettings(short_side=448, crop=336),
+    "cityscapes": ZeroShotSettings(short_side=560, crop=224),
+    "ade20k": ZeroShotSettings(short_side=448, crop=336),
+}
+
+
+class ZeroShotPrediction(NamedTuple):
+    pred: Tensor  # (H, W) int64 class ids at the original image size
+    class_probs: Tensor  # (num_classes, H, W) float32: max over each class's query probabilities
+    logits: Tensor  # (Q, H, W) float32 cosine logits (window-averaged, resized to the original size)
+
+
+# ---------------------------------------------------------------- dense functions per head
+
+
+def backbone_head(head: str) -> str:
+    """The ``BackboneConfig.head`` that a zero-shot head needs (``maskclip_tta`` -> ``maskclip``)."""
+    if head not in ZERO_SHOT_HEADS:
+        raise ValueError(f"head must be one of {ZERO_SHOT_HEADS}, got {head!r}")
+    return TTA_HEADS.get(head, head)
+
+
+def _model_device(model: DenseViT) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dense_fn(model: DenseViT) -> DenseFn:
+    """Images -> ``model(images).patch``; inputs are moved to the model's device, outputs back to the input's."""
+    def dense_fn(images: Tensor) -> Tensor:
+        return model(images.to(_model_device(model))).patch.to(images.device)
+    return dense_fn
+
+
+def tta_dense_fn(
+        model: DenseViT,
+        n_views: int = DEFAULT_TTA_VIEWS,
+        seed: int = 0,
+        shift_frac: float = DEFAULT_TTA_SHIFT_FRAC,
+        flip_prob: float = DEFAULT_TTA_FLIP_PROB,
+        max_images_per_forward: int = DEFAULT_TTA_MAX_IMAGES,
+) -> DenseFn:
+    """Images -> the model's dense features averaged over ``n_views`` shifted/flipped views (TTADenoiser).
+
+    The view generator is re-seeded with ``seed`` on every call, so every batch of crops uses the same views and
+    the result does not depend on batching or call order. ``n_views=1`` is the identity view only (= the model).
+    """
+    denoiser = TTADenoiser(model_dense_fn(model), patch_size=model.patch_size, fill=model.fill_value(),
+                           n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob,
+                           max_images_per_forward=max_images_per_forward)
+
+    def dense_fn(images: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return denoiser(images, generator)
+    return dense_fn
+
+
+def make_dense_fn(model: DenseViT, head: str, n_views: int = DEFAULT_TTA_VIEWS, seed: int = 0) -> DenseFn:
+    """The dense function of a zero-shot head; ``model`` must have been built with ``backbone_head(head)``.
+    ``n_views`` and ``seed`` only matter for the TTA heads. Put the model in eval mode yourself."""
+    expected = backbone_head(head)
+    if model.head != expected:
+        raise ValueError(f"zero-shot head {head!r} needs a backbone built with head={expected!r}, "
+                         f"got a backbone with head={model.head!r}")
+    if head in TTA_HEADS:
+        return tta_dense_fn(model, n_views=n_views, seed=seed)
+    return model_dense_fn(model)
+
+
+# ---------------------------------------------------------------- sliding window
+
+
+def sliding_windows(length: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """(start, end) of every window along one axis: ``n = max(L - crop + stride - 1, 0) // stride + 1`` windows
+    starting at ``i * stride``; the end is clamped to ``L`` and the start pulled back to ``end - crop`` (>= 0)."""
+    for key, value in (("length", length), ("crop", crop), ("stride", stride)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+    if stride > crop:
+        raise ValueError(f"stride ({stride}) must not exceed crop ({crop}): the windows would leave gaps")
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for i in range(count):
+        end = min(i * stride + crop, length)
+        windows.append((max(end - crop, 0), end))
+    return windows
+
+
+def resize_short_side(images: Tensor, short_side: int | None) -> Tensor:
+    """Bilinear (align_corners False) resize of float images (B, C, H, W) so that min(H, W) == short_side, keeping
+    the aspect ratio (each side rounded to the nearest int, as mmcv does); None returns ``images`` unchanged."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if short_side is None:
+        return images
+    height, width = images.shape[-2:]
+    scale = short_side / min(height, width)
+    size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    if size == (height, width):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def _centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding up to a multiple, split as in SCLIP (the extra pixel at the end)."""
+    pad_h, pad_w = -height % multiple, -width % multiple
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
+def _dense_forward(dense_fn: DenseFn, images: Tensor) -> Tensor:
+    amp = autocast_dtype(images.device)
+    with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
+        features = dense_fn(images)
+    if not isinstance(features, Tensor) or features.ndim != 4 or features.shape[0] != images.shape[0]:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"dense_fn must return (B, h, w, C) features for B = {images.shape[0]} images, got {shape}")
+    return features
+
+
+@torch.no_grad()
+def sliding_window_logits(
+        dense_fn: DenseFn,
+        image: Tensor,
+        text_emb: Tensor,
+        crop: int,
+        stride: int = DEFAULT_STRIDE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        pad_multiple: int = DEFAULT_PAD_MULTIPLE,
+) -> Tensor:
+    """Window-averaged cosine logits (Q, H, W), float32, of one normalised image (1, 3, H, W) or (3, H, W).
+
+    Each crop's L2-normalised features are dotted with the L2-normalised ``text_emb`` (Q, D); the (Q, h, w) logits
+    are upsampled bilinearly (align_corners False) to the crop size, summed into a canvas and divided by the
+    per-pixel window count. Crops are batched ``batch_size`` at a time.
+    """
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
+    if text_emb.ndim != 2:
+        raise ValueError(f"text_emb must be (Q, D), got shape {tuple(text_emb.shape)}")
+    _, _, height, width = image.shape
+    rows, cols = sliding_windows(height, crop, stride), sliding_windows(width, crop, stride)
+    boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
+    crop_h, crop_w = rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]  # every window of an axis has this length
+    left, right, top, bottom = _centred_padding(crop_h, crop_w, pad_multiple)
+    text = F.normalize(text_emb.to(image.device, torch.float32), dim=-1)
+    canvas = image.new_zeros((text.shape[0], height, width), dtype=torch.float32)
+    count = image.new_zeros((1, height, width), dtype=torch.float32)
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start:start + batch_size]
+        crops = torch.stack([image[0, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+        if left or right or top or bottom:
+            crops = F.pad(crops, (left, right, top, bottom))
+        features = _dense_forward(dense_fn, crops).to(image.device, torch.float32)
+        if features.shape[-1] != text.shape[1]:
+            raise ValueError(f"feature dim {features.shape[-1]} does not match text_emb dim {text.shape[1]}")
+        logits = (F.normalize(features, dim=-1) @ text.T).permute(0, 3, 1, 2)  # (b, Q, h, w)
+        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        logits = logits[:, :, top:top + crop_h, left:left + crop_w]
+        for (y0, y1, x0, x1), crop_logits in zip(chunk, logits):
+            canvas[:, y0:y1, x0:x1] += crop_logits
+            count[:, y0:y1, x0:x1] += 1
+    return canvas / count
+
+
+# ---------------------------------------------------------------- decision
+
+
+def _query_index(query_to_class: Sequence[int] | Tensor, num_queries: int, num_classes: int,
+                 device: torch.device) -> Tensor:
+    index = torch.as_tensor(query_to_class, dtype=torch.int64, device=device).reshape(-1)
+    if index.numel() != num_queries:
+        raise ValueError(f"query_to_class must have one entry per query ({num_queries}), got {index.numel()}")
+    if index.numel() and (index.min() < 0 or index.max() >= num_classes):
+        raise ValueError(f"query_to_class values must be in [0, {num_classes}), got {index.min()}..{index.max()}")
+    missing = sorted(set(range(num_classes)) - set(index.tolist()))
+    if missing:
+        raise ValueError(f"every class needs at least one query; classes {missing} have none in query_to_class")
+    return index
+
+
+def classify(
+        logits: Tensor,
+        query_to_class: Sequence[int] | Tensor,
+        num_classes: int,
+        logit_scale: float = DEFAULT_LOGIT_SCALE,
+        prob_thd: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Cosine logits (Q, ...) -> (pred (...) int64, class_probs (num_classes, ...)).
+
+    ``P = softmax(logit_scale * logits)`` over all queries; a class's probability is the max over its queries;
+    ``pred = argmax``; where the max class probability is below ``prob_thd``, ``pred = 0`` (background).
+    """
+    index = _query_index(query_to_class, logits.shape[0], num_classes, logits.device)
+    probs = torch.softmax(logit_scale * logits.float(), dim=0)
+    owners = index.tolist()
+    first = [owners.index(c) for c in range(num_classes)]  # each class's first query
+    class_probs = probs[first].clone()
+    for query, owner in enumerate(owners):
+        if query != first[owner]:  # further synonyms: keep the max
+            torch.maximum(class_probs[owner], probs[query], out=class_probs[owner])
+    best, pred = class_probs.max(dim=0)
+    pred = torch.where(best < prob_thd, torch.full_like(pred, BACKGROUND_CLASS), pred)
+    return pred, class_probs
+
+
+# ---------------------------------------------------------------- whole images and datasets
+
+
+def _check_uint8_image(image: Tensor) -> None:
+    if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be a (3, H, W) RGB tensor, got {shape}")
+
+
+def _prepare(image: Tensor, settings: ZeroShotSettings, mean: Sequence[float], std: Sequence[float],
+             device: torch.device) -> Tensor:
+    """uint8 (or [0, 1] float) (3, H, W) -> resized, normalised (1, 3, H', W') float32 on ``device``."""
+    _check_uint8_image(image)
+    x = image.to(device)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return normalize(resize_short_side(x.unsqueeze(0), settings.short_side), tuple(mean), tuple(std))
+
+
+@torch.no_grad()
+def segment_image(
+        dense_fn: DenseFn,
+        image: Tensor,
+        text_emb: Tensor,
+        query_to_class: Sequence[int] | Tensor,
+        num_classes: int,
+        settings: ZeroShotSettings,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+) -> ZeroShotPrediction:
+    """Zero-shot segmentation of one uint8 RGB image (3, H, W) at its original size; runs on ``text_emb``'s
+    device (bf16 autocast around ``dense_fn`` on CUDA)."""
+    height, width = image.shape[-2:]
+    x = _prepare(image, settings, mean, std, text_emb.device)
+    logits = sliding_window_logits(dense_fn, x, text_emb, settings.crop, settings.stride, settings.batch_size,
+                                   settings.pad_multiple)
+    if logits.shape[-2:] != (height, width):
+        logits = F.interpolate(logits.unsqueeze(0), size=(height, width), mode="bilinear",
+                               align_corners=False).squeeze(0)
+    pred, class_probs = classify(logits, query_to_class, num_classes, settings.logit_scale, settings.prob_thd)
+    return ZeroShotPrediction(pred=pred, class_probs=class_probs, logits=logits)
+
+
+@torch.no_grad()
+def image_dense_features(
+        dense_fn: DenseFn,
+        image: Tensor,
+        settings: ZeroShotSettings,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        device: torch.device | str = "cpu",
+) -> Tensor:
+    """Dense features (h, w, C) of the whole short-side-resized image in one forward (zero-padded to a multiple
+    of ``settings.pad_multiple``), for feature figures."""
+    x = _prepare(image, settings, mean, std, torch.device(device))
+    left, right, top, bottom = _centred_padding(*x.shape[-2:], settings.pad_multiple)
+    x = F.pad(x, (left, right, top, bottom))
+    return _dense_forward(dense_fn, x)[0].float()
+
+
+def evaluate_zero_shot(
+        dense_fn: DenseFn,
+        text_emb: Tensor,
+        query_to_class: Sequence[int] | Tensor,
+        num_classes: int,
+        dataset: DenseDataset | Sequence,
+        settings: ZeroShotSettings,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        max_samples: int | None = None,
+) -> dict[str, float]:
+    """mIoU (%) of zero-shot segmentation over a dataset of ``DenseSample`` (labels at the original image size,
+    ``ignore_index`` ignored), with torchmetrics ``MulticlassJaccardIndex`` (macro; classes absent from both the
+    predictions and the labels are left out). ``max_samples`` evaluates only the first samples.
+    Returns ``{"mIoU": float, "num_images": int}``."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    dataset_classes = len(getattr(dataset, "class_names", []) or [])
+    if dataset_classes and dataset_classes != num_classes:
+        raise ValueError(f"num_classes ({num_classes}) does not match the dataset's {dataset_classes} class_names")
+    total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    if total < 1:
+        raise ValueError("the dataset is empty (or max_samples < 1): nothing to evaluate")
+    ignore_index = getattr(dataset, "ignore_index", IGNORE_INDEX)
+    device = text_emb.device
+    metric = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro").to(device)
+    for index in range(total):
+        sample = dataset[index]
+        if sample.label is None:
+            raise ValueError(f"sample {index} ({sample.name}) has no segmentation label")
+        pred = segment_image(dense_fn, sample.image, text_emb, query_to_class, num_classes, settings, mean, std).pred
+        if pred.shape != sample.label.shape:
+            raise ValueError(f"sample {sample.name}: label shape {tuple(sample.label.shape)} does not match the "
+                             f"image size {tuple(pred.shape)}")
+        metric.update(pred.unsqueeze(0), sample.label.to(device).unsqueeze(0))
+    return {"mIoU": 100.0 * float(metric.compute()), "num_images": total}
+
+
+def zero_shot_maps(
+        dense_fn: DenseFn,
+        image: Tensor,
+        text_emb: Tensor,
+        query_to_class: Sequence[int] | Tensor,
+        num_classes: int,
+        settings: ZeroShotSettings,
+        query: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(pred (H, W), heatmap (H, W), features (h, w, C)) of one image for :func:`.report.zero_shot_figure`; the
+    heatmap is query ``query``'s probability ``softmax(logit_scale * cos)``. Results are on the CPU."""
+    if not 0 <= query < text_emb.shape[0]:
+        raise ValueError(f"query must index one of the {text_emb.shape[0]} queries, got {query}")
+    out = segment_image(dense_fn, image, text_emb, query_to_class, num_classes, settings, mean, std)
+    heatmap = torch.softmax(settings.logit_scale * out.logits, dim=0)[query]
+    features = image_dense_features(dense_fn, image, settings, mean, std, device=text_emb.device)
+    return out.pred.cpu(), heatmap.cpu(), features.cpu()
