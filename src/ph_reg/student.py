@@ -71,3 +71,36 @@ def load_student(path: str | os.PathLike, device: str | None = None) -> DenseViT
     load_trainable_state_dict(model, load_tensors(weights_path))
     model.eval()
     return model.to(device) if device else model
+
+
+def merged_state_dict(model: DenseViT) -> dict[str, Any]:
+    """The full state dict of a student (base weights, distilled weights and registers), for use without ph_reg's
+    delta format; keys are the DenseViT's parameter and buffer names."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+
+
+def export_merged(student_folder: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write the merged full state dict of the student in ``student_folder`` to ``output`` (safetensors), with the
+    student config as metadata. Returns the output path."""
+    from .io import save_tensors
+
+    folder = Path(student_folder)
+    model = load_student(folder)
+    config = (folder / CONFIG_NAME if folder.is_dir() else folder.parent / CONFIG_NAME).read_text()
+    save_tensors(output, merged_state_dict(model), metadata={"ph_reg_student_config": config})
+    return Path(output)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ph_reg.student STUDENT_FOLDER OUTPUT.safetensors``: export the merged full state dict."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("student_folder")
+    parser.add_argument("output")
+    args = parser.parse_args(argv)
+    print(export_merged(args.student_folder, args.output))
+
+
+if __name__ == "__main__":
+    main()
