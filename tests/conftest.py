@@ -28,13 +28,43 @@ TINY_OPEN_CLIP = {
     "parameters_student_distillation.yml": (
         "student_distillation:\n  training:\n    epochs: 2\n    batch_size: 2\n    checkpoint_every: 1\n"
     ),
-    "parameters_evaluation.yml": "evaluation:\n  figure_images: 2\n  batch_size: 2\n",
+    "parameters_evaluation.yml": """evaluation:
+  figure_images: 2
+  batch_size: 2
+  zero_shot:
+    heads: [naclip, maskclip_tta, ph_reg]
+    tta_views: 2
+    benchmarks:
+      synthetic:
+        dataset: {type: synthetic, num_images: 2, image_size: 64, seed: 1, split: val}
+        classes: dataset
+        settings: {short_side: 64, crop: 48, stride: 16, batch_size: 4}
+    figure: {benchmark: synthetic, images: 1, query: ball}
+  probes:
+    tasks:
+      segmentation:
+        synthetic:
+          train: {type: synthetic, num_images: 4, image_size: 64, seed: 0, split: train}
+          val: {type: synthetic, num_images: 2, image_size: 80, seed: 0, split: val}
+          crop_size: 64
+          stride: 32
+          probe: {iterations: 5, batch_size: 2}
+      depth:
+        synthetic:
+          train: {type: synthetic, num_images: 4, image_size: 64, seed: 0, split: train}
+          val: {type: synthetic, num_images: 2, image_size: 80, seed: 0, split: val}
+          crop_size: 64
+          stride: 32
+          probe: {iterations: 5, batch_size: 2}
+""",
 }
 
 TINY_TIMM = {
     **TINY_OPEN_CLIP,
     "parameters.yml": "backbone:\n  arch: timm:test_vit\n",
     "parameters_teacher_denoising.yml": TINY_OPEN_CLIP["parameters_teacher_denoising.yml"] + "  head: final_norm\n",
+    "parameters_evaluation.yml": TINY_OPEN_CLIP["parameters_evaluation.yml"].replace(
+        "  probes:\n", "  probes:\n    teacher_head: final_norm\n"),
     "parameters_student_distillation.yml": TINY_OPEN_CLIP["parameters_student_distillation.yml"]
     + "  head: final_norm\n  num_registers: 4\n",
 }

@@ -47,7 +47,8 @@ def test_dvc_stages_match_pipelines_and_catalog():
         stage = dvc[name]
         assert stage["cmd"].endswith(f"--pipelines {name}") and "--env" in stage["cmd"]
         pipeline = pipelines[name]
-        written = {_file_path(catalog[d]) for d in pipeline.outputs() if d in catalog and _file_path(catalog[d])}
+        produced = {out for node in pipeline.nodes for out in node.outputs}  # intermediate outputs included
+        written = {_file_path(catalog[d]) for d in produced if d in catalog and _file_path(catalog[d])}
         outs = set(_dvc_outs(stage))
         # every file the pipeline writes is a DVC out (a file inside a declared folder counts)
         for path in written:

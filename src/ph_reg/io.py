@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
-STORE_FORMAT = "ph-reg-shards/1"
+STORE_FORMAT = "ph-reg-shards/2"  # 2: tensors stored per record ("<row>/<key>")
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,40 @@ class JSONDataset(AbstractDataset[Any, Any]):
 
     def _exists(self) -> bool:
         return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class ShardStoreCollectionDataset(AbstractDataset[dict[str, RecordStream], dict[str, ShardReader]]):
+    """Named shard stores in sub-folders of one folder (e.g. ``teacher/segmentation/voc21/train``).
+
+    Saving replaces the whole collection; each store is streamed and complete once its index is written.
+    """
+
+    def __init__(self, path: str, records_per_shard: int = 64, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._records_per_shard = records_per_shard
+        self.metadata = metadata
+
+    def load(self) -> dict[str, ShardReader]:
+        if not self._path.is_dir():
+            raise DatasetError(f"no shard-store collection at {self._path}")
+        return {str(index.parent.relative_to(self._path)): ShardReader(index.parent)
+                for index in sorted(self._path.rglob("index.json"))}
+
+    def save(self, data: dict[str, RecordStream]) -> None:
+        for name, stream in data.items():
+            if not isinstance(stream, RecordStream):
+                raise DatasetError(f"{self._path}/{name}: expected a ph_reg.io.RecordStream, got {type(stream).__name__}")
+        if self._path.exists():
+            shutil.rmtree(self._path)
+        for name, stream in data.items():
+            write_shards(self._path / name, stream.records, stream.records_per_shard or self._records_per_shard,
+                         stream.attrs)
+
+    def _exists(self) -> bool:
+        return self._path.is_dir() and any(self._path.rglob("index.json"))
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}

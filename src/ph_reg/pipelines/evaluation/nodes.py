@@ -7,7 +7,11 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from ph_reg.dense_eval import (probe_feature_streams, probe_models, run_probes, table2, zero_shot_evaluation,
+                               zero_shot_figures)
+from ph_reg.io import RecordStream
 from ph_reg.evaluate import artifact_evaluation
+from ph_reg.zeroshot import table1
 from ph_reg.io import ShardReader
 from ph_reg.models import BackboneConfig, build_backbone, load_trainable_state_dict
 from ph_reg.student import build_student_from_config
@@ -24,9 +28,7 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report."""
     device = resolve_device(params["device"])
     teacher = build_backbone(BackboneConfig.from_dict(student_config["teacher"])).to(device)
-    student = build_student_from_config(student_config)
-    load_trainable_state_dict(student, student_weights)
-    student.to(device)
+    student, _ = load_evaluated_student(student_weights, student_config, device)
     # first crops first, so the figure shows distinct photos
     indices = sorted(images.indices(split=params["split"]), key=lambda i: (images.meta(i)["crop"], i))
     report, figure = artifact_evaluation(teacher, student, images, targets, indices, outlier_k=params["outlier_k"],
@@ -37,6 +39,73 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     report["backbone"] = {"arch": backbone["arch"], "pretrained": backbone.get("pretrained"),
                           "checkpoint": backbone.get("checkpoint"), "img_size": backbone["img_size"]}
     return report, figure, markdown_report(report)
+
+
+def load_evaluated_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any], device):
+    """The distilled student (eval mode, on ``device``) and its base model's config."""
+    student = build_student_from_config(student_config)
+    load_trainable_state_dict(student, student_weights)
+    return student.to(device).eval(), BackboneConfig.from_dict(student_config["teacher"])
+
+
+def _is_random(config: BackboneConfig) -> bool:
+    return not config.pretrained and not config.checkpoint
+
+
+def _message_figure(text: str) -> Figure:
+    figure = Figure(figsize=(6, 1.5))
+    figure.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return figure
+
+
+def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
+                             params: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
+    """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
+    device = resolve_device(params["device"])
+    settings = params["zero_shot"]
+    student, base = load_evaluated_student(student_weights, student_config, device)
+    if base.family != "open_clip" or not settings["benchmarks"]:
+        reason = (f"zero-shot segmentation needs an open_clip backbone with benchmarks configured; backbone "
+                  f"{base.arch!r}, benchmarks {sorted(settings['benchmarks'] or [])}")
+        return ({"skipped": reason}, f"# Zero-shot open-vocabulary segmentation\n\nSkipped: {reason}.\n",
+                {"zero_shot_skipped.png": _message_figure(reason)})
+    results = zero_shot_evaluation(student, base, settings["heads"], settings["benchmarks"],
+                                   tta_views=settings["tta_views"], seed=seed, device=device,
+                                   text_batch_size=settings["text_batch_size"])
+    table, markdown = table1(results)
+    figure = settings["figure"]
+    figures = zero_shot_figures(student, base, settings["heads"], settings["benchmarks"][figure["benchmark"]],
+                                figure["images"], figure["query"], tta_views=settings["tta_views"], seed=seed,
+                                device=device)
+    header = "# Zero-shot open-vocabulary segmentation (mIoU %, Table 1 format)\n\n"
+    if _is_random(base):
+        header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
+    return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown, figures
+
+
+def cache_probe_features(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
+                         params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
+    """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
+    device = resolve_device(params["device"])
+    settings = params["probes"]
+    student, base = load_evaluated_student(student_weights, student_config, device)
+    models = {name: model.to(device) for name, model in probe_models(student, base, settings["teacher_head"]).items()}
+    return probe_feature_streams(models, settings["tasks"], seed, feature_dtype=settings["feature_dtype"],
+                                 batch_size=params["batch_size"])
+
+
+def evaluate_probes(features: dict[str, ShardReader], student_config: dict[str, Any], params: dict[str, Any],
+                    seed: int) -> tuple[dict[str, Any], str]:
+    """Train the linear probes from the cache and report them in the paper's Table 2 format."""
+    settings = params["probes"]
+    results = run_probes(features, settings["tasks"], seed)
+    table, markdown = table2(results, settings.get("published"))
+    base = BackboneConfig.from_dict(student_config["teacher"])
+    header = (f"# Linear probes (Table 2 format)\n\nteacher = the base model with the `{settings['teacher_head']}` "
+              f"head; student = the distilled PH-Reg student.\n\n")
+    if _is_random(base):
+        header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
+    return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown
 
 
 def markdown_report(report: dict[str, Any]) -> str:

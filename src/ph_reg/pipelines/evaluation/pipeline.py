@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import evaluate_artifacts
+from .nodes import cache_probe_features, evaluate_artifacts, evaluate_probes, evaluate_zero_shot_table
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,6 +11,24 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["prepared_images", "teacher_targets", "student_weights", "student_config", "params:evaluation"],
                 ["evaluation_metrics", "feature_maps", "evaluation_report"],
                 name="evaluate_artifacts",
-            )
+            ),
+            node(
+                evaluate_zero_shot_table,
+                ["student_weights", "student_config", "params:evaluation", "params:seed"],
+                ["zero_shot_metrics", "zero_shot_report", "zero_shot_figures"],
+                name="evaluate_zero_shot",
+            ),
+            node(
+                cache_probe_features,
+                ["student_weights", "student_config", "params:evaluation", "params:seed"],
+                "probe_features",
+                name="cache_probe_features",
+            ),
+            node(
+                evaluate_probes,
+                ["probe_features", "student_config", "params:evaluation", "params:seed"],
+                ["probe_metrics", "probe_report"],
+                name="evaluate_probes",
+            ),
         ]
     )

@@ -1,0 +1,112 @@
+"""Shared helpers of the benchmark scripts: offline environment, arguments, interleaved timing, reports.
+
+Every benchmark times two (or more) variants *in the same run*: after warm-up, the variants are interleaved
+(A B, then B A, ...) so that slow drifts of a busy machine hit both alike, and the medians are compared. Ratios
+printed: the ratio of the medians and the median of the per-round ratios (more robust when the load changes).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _key in ("HF_HUB_OFFLINE", "KEDRO_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+    os.environ.setdefault(_key, "1")
+
+import argparse
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "src") not in sys.path:  # runnable without an editable install too
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+# open_clip warns "No pretrained weights loaded" for every random-weight model; Lightning chats about devices
+logging.disable(logging.WARNING)
+
+
+def parser(description: str, repeats: int, warmup: int = 1) -> argparse.ArgumentParser:
+    """An argument parser with ``--quick``, ``--repeats`` and ``--warmup`` (defaults given per script)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed rounds per variant (interleaved)")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds per variant before timing")
+    return p
+
+
+def header(title: str, settings: Mapping[str, object]) -> None:
+    """Print what runs where: the title, the settings, torch threads and the machine load."""
+    print(f"== {title}")
+    print(f"   torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"python {platform.python_version()}, load average {_load()}")
+    for key, value in settings.items():
+        print(f"   {key}: {value}")
+    sys.stdout.flush()
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def time_interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     verbose: bool = True) -> dict[str, list[float]]:
+    """Wall-clock seconds of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds, the order
+    reversed every other round (A B, B A, ...)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+        if verbose:
+            print("   round", r + 1, " ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
+    return times
+
+
+def ratios(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> tuple[float, float]:
+    """(ratio of the medians, median of the per-round ratios) of two variants' times."""
+    num, den = times[numerator], times[denominator]
+    of_medians = statistics.median(num) / statistics.median(den)
+    per_round = statistics.median(a / b for a, b in zip(num, den))
+    return of_medians, per_round
+
+
+def print_times(times: Mapping[str, Sequence[float]], per: Mapping[str, float] | None = None,
+                unit: str = "call") -> None:
+    """Median / min / max seconds per variant; ``per[name]`` divides (e.g. steps per call) for a per-step time."""
+    for name, values in times.items():
+        div = (per or {}).get(name, 1.0)
+        med, lo, hi = statistics.median(values) / div, min(values) / div, max(values) / div
+        print(f"   {name:>28}: median {med:8.4f} s/{unit}  (min {lo:.4f}, max {hi:.4f}, n={len(values)})")
+
+
+def print_ratio(label: str, times: Mapping[str, Sequence[float]], numerator: str, denominator: str,
+                target: float | None = None, at_most: bool = True) -> float:
+    """Print ``numerator / denominator`` (ratio of medians and median per-round ratio) against a target."""
+    of_medians, per_round = ratios(times, numerator, denominator)
+    line = f"RATIO {label} = {of_medians:.4f}  (median of per-round ratios {per_round:.4f})"
+    if target is not None:
+        ok = of_medians <= target if at_most else of_medians >= target
+        line += f"  target {'<=' if at_most else '>='} {target:.4f}: {'MET' if ok else 'NOT MET'}"
+    print(line, flush=True)
+    return of_medians
+
+
+def footer(started: float) -> None:
+    print(f"   done in {time.perf_counter() - started:.1f} s, load average now {_load()}", flush=True)

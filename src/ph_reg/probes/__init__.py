@@ -1,0 +1,66 @@
+"""Linear probes on frozen features: a feature cache, segmentation (mIoU/mAcc) and depth (RMSE/AbsRel/delta)."""
+
+from .cache import (
+    RECORDS_PER_SHARD,
+    CachedImage,
+    cache_attrs,
+    cached_image,
+    check_store,
+    feature_records,
+    feature_stream,
+    iter_train_batches,
+    iter_val_images,
+    resized_size,
+    sliding_windows,
+    store_kind,
+)
+from .depth import (
+    DepthProbeConfig,
+    LinearDepthProbe,
+    eigen_crop_mask,
+    evaluate_depth_probe,
+    gradient_loss,
+    predict_depth,
+    sig_loss,
+    train_depth_probe,
+)
+from .metrics import DepthMetrics, segmentation_metrics
+from .segmentation import (
+    LinearSegmentationProbe,
+    SegmentationProbeConfig,
+    evaluate_segmentation_probe,
+    predict_segmentation_logits,
+    stitch_windows,
+    train_segmentation_probe,
+)
+
+__all__ = [
+    "RECORDS_PER_SHARD",
+    "CachedImage",
+    "DepthMetrics",
+    "DepthProbeConfig",
+    "LinearDepthProbe",
+    "LinearSegmentationProbe",
+    "SegmentationProbeConfig",
+    "cache_attrs",
+    "cached_image",
+    "check_store",
+    "eigen_crop_mask",
+    "evaluate_depth_probe",
+    "evaluate_segmentation_probe",
+    "feature_records",
+    "feature_stream",
+    "gradient_loss",
+    "iter_train_batches",
+    "iter_val_images",
+    "predict_depth",
+    "predict_segmentation_logits",
+    "resized_size",
+    "segmentation_metrics",
+    "sig_loss",
+    "sliding_windows",
+    "stitch_windows",
+    "store_kind",
+    "train_depth_probe",
+    "train_segmentation_probe",
+]
