@@ -58,18 +58,38 @@ def _message_figure(text: str) -> Figure:
     return figure
 
 
+def selected(definitions: dict[str, Any], names: list[str], where: str) -> dict[str, Any]:
+    """The definitions named in a ``run`` list (config environments add definitions; ``run`` picks them)."""
+    missing = [name for name in names if name not in definitions]
+    if missing:
+        raise ValueError(f"{where}.run names {missing}, which are not defined in {where}; defined: {sorted(definitions)}")
+    return {name: definitions[name] for name in names}
+
+
+def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Probe tasks filtered by ``run`` entries of the form ``"<task>/<benchmark>"``."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for entry in names:
+        task, _, benchmark = entry.partition("/")
+        if benchmark not in (tasks.get(task) or {}):
+            raise ValueError(f"evaluation.probes.run names {entry!r}, which is not defined in evaluation.probes.tasks")
+        chosen.setdefault(task, {})[benchmark] = tasks[task][benchmark]
+    return chosen
+
+
 def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
                              params: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
     device = resolve_device(params["device"])
     settings = params["zero_shot"]
     student, base = load_evaluated_student(student_weights, student_config, device)
-    if base.family != "open_clip" or not settings["benchmarks"]:
-        reason = (f"zero-shot segmentation needs an open_clip backbone with benchmarks configured; backbone "
-                  f"{base.arch!r}, benchmarks {sorted(settings['benchmarks'] or [])}")
+    benchmarks = selected(settings["benchmarks"], settings["run"], "evaluation.zero_shot")
+    if base.family != "open_clip" or not benchmarks:
+        reason = (f"zero-shot segmentation needs an open_clip backbone and benchmarks to run; backbone "
+                  f"{base.arch!r}, benchmarks {settings['run']}")
         return ({"skipped": reason}, f"# Zero-shot open-vocabulary segmentation\n\nSkipped: {reason}.\n",
                 {"zero_shot_skipped.png": _message_figure(reason)})
-    results = zero_shot_evaluation(student, base, settings["heads"], settings["benchmarks"],
+    results = zero_shot_evaluation(student, base, settings["heads"], benchmarks,
                                    tta_views=settings["tta_views"], seed=seed, device=device,
                                    text_batch_size=settings["text_batch_size"])
     table, markdown = table1(results)
@@ -90,7 +110,7 @@ def cache_probe_features(student_weights: dict[str, torch.Tensor], student_confi
     settings = params["probes"]
     student, base = load_evaluated_student(student_weights, student_config, device)
     models = {name: model.to(device) for name, model in probe_models(student, base, settings["teacher_head"]).items()}
-    return probe_feature_streams(models, settings["tasks"], seed, feature_dtype=settings["feature_dtype"],
+    return probe_feature_streams(models, selected_tasks(settings["tasks"], settings["run"]), seed, feature_dtype=settings["feature_dtype"],
                                  batch_size=params["batch_size"])
 
 
@@ -98,7 +118,7 @@ def evaluate_probes(features: dict[str, ShardReader], student_config: dict[str, 
                     seed: int) -> tuple[dict[str, Any], str]:
     """Train the linear probes from the cache and report them in the paper's Table 2 format."""
     settings = params["probes"]
-    results = run_probes(features, settings["tasks"], seed)
+    results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed)
     table, markdown = table2(results, settings.get("published"))
     base = BackboneConfig.from_dict(student_config["teacher"])
     header = (f"# Linear probes (Table 2 format)\n\nteacher = the base model with the `{settings['teacher_head']}` "
