@@ -116,3 +116,32 @@ def test_online_target_mode_end_to_end(tmp_path, monkeypatch):
     assert config["targets"] == "online"
     history = (project / "data/07_model_output/loss_history.csv").read_text().splitlines()
     assert len(history) == 3 and "nan" not in history[-1]
+
+
+def test_run_record_and_alone_equals_inside_default(tmp_path, monkeypatch):
+    """A pipeline run alone writes the same artifacts as inside __default__, and every run is recorded."""
+    project = make_project(tmp_path / "project", TINY_OPEN_CLIP)
+    monkeypatch.chdir(project)
+    run_session(project, "__default__")
+    outputs = ["data/02_intermediate/prepared_images", "data/04_feature/teacher_targets", "data/06_models/student",
+               "data/08_reporting/evaluation.json", "data/08_reporting/probes.json", "data/08_reporting/zero_shot.json",
+               "data/05_model_input/probe_features"]
+
+    def digest():
+        import hashlib
+
+        result = {}
+        for out in outputs:
+            path = project / out
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            result[out] = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+        return result
+
+    together = digest()
+    record = json.loads((project / "data/run_info/__default__.json").read_text())
+    assert record["parameters"]["seed"] == 0 and record["packages"]["torch"] and "cuda_available" in record["device"]
+    assert record["kedro_env"] == "tiny"
+    for name in COMPONENTS:  # each alone, in order
+        run_session(project, name)
+    assert digest() == together
+    assert (project / "data/run_info/evaluation.json").is_file()

@@ -1,25 +1,92 @@
-"""Kedro hooks: every node is seeded from the ``seed`` parameter and its own name."""
+"""Kedro hooks: per-node seeding and a provenance record for every run."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
 from kedro.framework.hooks import hook_impl
 
-from ph_reg.utils import derive_seed, seed_everything
+RUN_INFO_DIR = Path("data/run_info")
+RECORDED_PACKAGES = ("ph-reg", "torch", "torchvision", "timm", "open_clip_torch", "lightning-fabric", "torchmetrics",
+                     "safetensors", "kedro", "kedro-datasets", "dvc", "numpy", "pillow")
+log = logging.getLogger(__name__)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _device() -> dict[str, Any]:
+    import torch  # imported only when a run starts, so `kedro viz` stays fast
+
+    info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info.update(cuda_devices=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                    cuda_version=torch.version.cuda)
+    return info
+
+
+def run_record(params: dict[str, Any], run_params: dict[str, Any]) -> dict[str, Any]:
+    """What a run needs to be reproduced: commit, parameters, package versions, device."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "kedro_env": run_params.get("env"),
+        "pipelines": run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"],
+        "runtime_params": run_params.get("runtime_params"),
+        "parameters": params,
+        "packages": _versions(),
+        "device": _device(),
+    }
 
 
 class NodeSeedHooks:
-    """Seed Python, NumPy and torch before each node from ``(seed, node.name)``.
+    """Seed Python, NumPy and torch before each node from ``(seed, node.name)``, and record every run.
 
-    A node therefore sees the same random state whether its pipeline runs alone or inside ``__default__``.
+    A node therefore sees the same random state whether its pipeline runs alone or inside ``__default__``. The
+    record goes to ``data/run_info/<pipelines>.json`` (not a DVC out: it holds a timestamp).
     """
 
     def __init__(self) -> None:
         self.seed = 0
+        self.params: dict[str, Any] = {}
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        self.seed = int(context.params.get("seed", 0))
+        self.params = dict(context.params)
+        self.seed = int(self.params.get("seed", 0))
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        from ph_reg.io import write_json
+
+        record = run_record(self.params, run_params)
+        path = RUN_INFO_DIR / f"{'+'.join(record['pipelines'])}.json"
+        write_json(path, record)
+        log.info("run record written to %s (commit %s)", path, record["git_commit"])
 
     @hook_impl
     def before_node_run(self, node) -> None:
+        from ph_reg.utils import derive_seed, seed_everything  # torch is imported when a run starts, not at startup
+
         seed_everything(derive_seed(self.seed, node.name))
