@@ -166,7 +166,8 @@ def run_probes(stores: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Mappi
     from .utils import derive_seed
 
     results: dict[str, dict[str, float]] = {}
-    models = sorted({key.split("/")[0] for key in stores})
+    names = {key.split("/")[0] for key in stores}
+    models = [name for name in ("teacher", "student") if name in names] + sorted(names - {"teacher", "student"})
     for model_name in models:
         row = results.setdefault(model_name, {})
         for task, benchmarks in tasks.items():

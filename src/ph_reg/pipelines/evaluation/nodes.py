@@ -82,13 +82,14 @@ def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_c
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
     device = resolve_device(params["device"])
     settings = params["zero_shot"]
-    student, base = load_evaluated_student(student_weights, student_config, device)
+    base = BackboneConfig.from_dict(student_config["teacher"])
     benchmarks = selected(settings["benchmarks"], settings["run"], "evaluation.zero_shot")
-    if base.family != "open_clip" or not benchmarks:
+    if base.family != "open_clip" or not benchmarks:  # decided before any weights are loaded
         reason = (f"zero-shot segmentation needs an open_clip backbone and benchmarks to run; backbone "
                   f"{base.arch!r}, benchmarks {settings['run']}")
         return ({"skipped": reason}, f"# Zero-shot open-vocabulary segmentation\n\nSkipped: {reason}.\n",
                 {"zero_shot_skipped.png": _message_figure(reason)})
+    student, _ = load_evaluated_student(student_weights, student_config, device)
     results = zero_shot_evaluation(student, base, settings["heads"], benchmarks,
                                    tta_views=settings["tta_views"], seed=seed, device=device,
                                    text_batch_size=settings["text_batch_size"])
