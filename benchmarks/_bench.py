@@ -58,25 +58,38 @@ def _load() -> str:
         return "n/a"
 
 
+class Timings:
+    """Seconds per call of each variant, by wall clock and by this process's CPU time (all threads)."""
+
+    def __init__(self, names: Sequence[str]):
+        self.wall: dict[str, list[float]] = {name: [] for name in names}
+        self.cpu: dict[str, list[float]] = {name: [] for name in names}
+
+    def median(self, name: str, cpu: bool = False) -> float:
+        return statistics.median((self.cpu if cpu else self.wall)[name])
+
+
 def time_interleaved(variants: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     verbose: bool = True) -> dict[str, list[float]]:
-    """Wall-clock seconds of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds, the order
-    reversed every other round (A B, B A, ...)."""
+                     verbose: bool = True) -> Timings:
+    """Time each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds, the order reversed every
+    other round (A B, B A, ...). Records wall-clock and process CPU seconds."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    timings = Timings(names)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             variants[name]()
-            times[name].append(time.perf_counter() - start)
+            timings.cpu[name].append(time.process_time() - cpu)
+            timings.wall[name].append(time.perf_counter() - wall)
         if verbose:
-            print("   round", r + 1, " ".join(f"{n}={times[n][-1]:.3f}s" for n in names), flush=True)
-    return times
+            print(f"   round {r + 1}/{repeats}: " + ", ".join(f"{n} {timings.wall[n][-1]:.3f} s" for n in names),
+                  flush=True)
+    return timings
 
 
 def ratios(times: Mapping[str, Sequence[float]], numerator: str, denominator: str) -> tuple[float, float]:
@@ -87,24 +100,30 @@ def ratios(times: Mapping[str, Sequence[float]], numerator: str, denominator: st
     return of_medians, per_round
 
 
-def print_times(times: Mapping[str, Sequence[float]], per: Mapping[str, float] | None = None,
-                unit: str = "call") -> None:
-    """Median / min / max seconds per variant; ``per[name]`` divides (e.g. steps per call) for a per-step time."""
-    for name, values in times.items():
+def print_times(timings: Timings, per: Mapping[str, float] | None = None, unit: str = "call") -> None:
+    """Median / min / max wall seconds and median CPU seconds per variant; ``per[name]`` divides (e.g. steps
+    per call) to give a per-step time."""
+    for name, values in timings.wall.items():
         div = (per or {}).get(name, 1.0)
         med, lo, hi = statistics.median(values) / div, min(values) / div, max(values) / div
-        print(f"   {name:>28}: median {med:8.4f} s/{unit}  (min {lo:.4f}, max {hi:.4f}, n={len(values)})")
+        cpu = timings.median(name, cpu=True) / div
+        print(f"   {name:>30}: median {med:9.4f} s/{unit} wall (min {lo:.4f}, max {hi:.4f}, n={len(values)}); "
+              f"median {cpu:.4f} s/{unit} CPU", flush=True)
 
 
-def print_ratio(label: str, times: Mapping[str, Sequence[float]], numerator: str, denominator: str,
-                target: float | None = None, at_most: bool = True) -> float:
-    """Print ``numerator / denominator`` (ratio of medians and median per-round ratio) against a target."""
-    of_medians, per_round = ratios(times, numerator, denominator)
-    line = f"RATIO {label} = {of_medians:.4f}  (median of per-round ratios {per_round:.4f})"
+def print_ratio(label: str, timings: Timings, numerator: str, denominator: str, target: float | None = None,
+                at_most: bool = True) -> float:
+    """Print ``numerator / denominator`` (wall: ratio of medians and median per-round ratio; CPU: ratio of
+    medians) against a target; return the wall ratio of medians."""
+    of_medians, per_round = ratios(timings.wall, numerator, denominator)
+    cpu_ratio, _ = ratios(timings.cpu, numerator, denominator)
+    line = f"RATIO {label} = {of_medians:.4f}"
     if target is not None:
         ok = of_medians <= target if at_most else of_medians >= target
-        line += f"  target {'<=' if at_most else '>='} {target:.4f}: {'MET' if ok else 'NOT MET'}"
-    print(line, flush=True)
+        line += f"  (target {'<=' if at_most else '>='} {target:.4f}: {'MET' if ok else 'NOT MET'})"
+    print(line)
+    print(f"      median of per-round wall ratios {per_round:.4f}; CPU-time ratio of medians {cpu_ratio:.4f}",
+          flush=True)
     return of_medians
 
 
