@@ -24,10 +24,10 @@ def test_folder_source_and_errors(tmp_path):
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(folder / "sub" / "a.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
-        list(iter_source_images(str(folder)))
-    assert [n for n, _ in iter_source_images(str(folder), on_error="skip")] == ["sub/a.png"]
+        list(iter_source_images(str(folder), on_error="raise"))
+    assert [n for n, _ in iter_source_images(str(folder))] == ["sub/a.png"]  # skipping is the default
     (folder / "broken.jpg").unlink()
-    with pytest.raises(ValueError, match="smaller than min_side=50"):
+    with pytest.raises(ValueError, match="below data_preparation.min_side=50"):
         list(iter_source_images(str(folder), min_side=50, on_error="raise"))
 
 

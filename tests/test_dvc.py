@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import yaml
+
 from conftest import TINY_OPEN_CLIP, make_project
 
 STAGES = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
@@ -35,3 +37,29 @@ def test_dvc_repro_twice(tmp_path):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout, second.stdout
     metrics = _run(["dvc", "metrics", "show", "--json"], project)
     assert metrics.returncode == 0 and "per_source" in metrics.stdout
+
+    # exact reruns: forcing every stage again gives the same hash for every out
+    before = _out_hashes(project)
+    forced = _run(["dvc", "repro", "--force"], project)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert _out_hashes(project) == before
+
+    # a sweep: an experiment with another number of registers, compared against the baseline
+    git_env = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    assert _run(["git", "add", "-A"], project).returncode == 0
+    assert _run(["git", *git_env, "commit", "-qm", "baseline"], project).returncode == 0
+    experiment = _run(["dvc", "exp", "run", "-n", "regs0", "-S",
+                       "conf/base/parameters_student_distillation.yml:student_distillation.num_registers=0"], project)
+    assert experiment.returncode == 0, experiment.stdout[-3000:] + experiment.stderr[-3000:]
+    assert "Running stage 'student_distillation'" in experiment.stdout
+    assert "Running stage 'data_preparation'" not in experiment.stdout  # upstream stages are reused
+    shown = _run(["dvc", "exp", "show", "--json"], project)
+    assert shown.returncode == 0 and "regs0" in shown.stdout
+    diff = _run(["dvc", "metrics", "diff", "HEAD", "regs0", "--json"], project)
+    assert diff.returncode == 0 and "evaluation.json" in diff.stdout
+
+
+def _out_hashes(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out.get("md5") for stage in lock.values() for out in stage.get("outs", [])
+            if not out["path"].endswith("checkpoints")}

@@ -107,7 +107,10 @@ def test_registry_lists_the_pipelines(tiny_project):
 
 
 def test_online_target_mode_end_to_end(tmp_path, monkeypatch):
-    files = {**TINY_OPEN_CLIP, "globals.yml": "seed: 0\nimage_size: 64\ntarget_mode: online\n"}
+    files = {**TINY_OPEN_CLIP,
+             "parameters_teacher_denoising.yml": TINY_OPEN_CLIP["parameters_teacher_denoising.yml"] + "  mode: online\n",
+             "parameters_student_distillation.yml": TINY_OPEN_CLIP["parameters_student_distillation.yml"]
+             + "  targets: online\n"}
     project = make_project(tmp_path / "project", files)
     monkeypatch.chdir(project)
     run_session(project, "distill")

@@ -3,26 +3,50 @@
 A source is either ``"builtin:sample_photos"`` (real photos that ship inside scikit-image, scikit-learn and
 matplotlib, the embedded default) or a folder of image files such as Flickr30k's ``flickr30k-images``.
 Images are streamed one at a time, so a source of any size never sits in memory.
+
+Real folders are messy. :func:`load_image` turns every file into an RGB image or an :class:`UnusableImage` with a
+reason: zero-byte, truncated or corrupt files, files that are not images, decompression bombs (more than
+``max_image_pixels`` pixels) are rejected; grayscale, palette, CMYK, 16-bit and alpha images are converted
+(16-bit scaled to 8-bit, transparency composited on white); EXIF orientation is applied. Images whose short side
+is below ``min_side`` are rejected, larger ones are resized (up or down) so the short side is the crop size. Under
+``on_error: skip`` (the default) rejected files are left out and listed with their reasons in a
+:class:`SkipReport`; under ``on_error: raise`` the first one stops the run with an error naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from torch.utils.data import Dataset
 
 from .utils import generator, normalize
 
 BUILTIN_SOURCE = "builtin:sample_photos"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Extensions (compared lower-cased) of the files a folder source reads; other files are listed as ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".gif",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga")
+ON_ERROR_POLICIES = ("skip", "raise")
+#: Pillow's own decompression-bomb warning threshold (about 9459 x 9459 pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: Transparent pixels are composited onto this colour (as a browser shows them on a white page).
+ALPHA_BACKGROUND = (255, 255, 255)
+EIGHT_BIT_MAX = 255
+SIXTEEN_BIT_MAX = 65535
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SKIP_REPORT_NAME = "skipped_images.json"
+log = logging.getLogger(__name__)
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -93,18 +117,114 @@ def _to_rgb_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8), mode="RGB")
 
 
-def list_folder_images(folder: str | os.PathLike) -> list[Path]:
-    """Sorted image files under ``folder`` (recursive), with clear errors for a missing or empty folder."""
+def list_folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(images, others)`` under ``folder`` (recursive, sorted): files with an image extension (any case) and the
+    rest. Clear errors for a missing folder or one without images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"image source folder not found: {folder} (set data_preparation.source to a folder of images, "
             f"or to {BUILTIN_SOURCE!r} for the photos shipped with the installed packages)"
         )
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"image source folder {folder} holds no images with extensions {IMAGE_EXTENSIONS}")
-    return files
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise ValueError(f"image source folder {folder} holds no images: none of its {len(files)} files has one of "
+                         f"the extensions {IMAGE_EXTENSIONS} (in any case)")
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
+def list_folder_images(folder: str | os.PathLike) -> list[Path]:
+    """Sorted image files under ``folder`` (recursive), with clear errors for a missing or empty folder."""
+    return list_folder_files(folder)[0]
+
+
+class UnusableImage(ValueError):
+    """A file that cannot be used as a training image; ``reason`` says why in words a user can act on."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Let ``load_image`` apply its own limit instead of Pillow's global one (restored afterwards), and keep
+    Pillow's warnings about damaged metadata out of the log (the pixels are what counts)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # e.g. "Corrupt EXIF data"
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit integer (``I;16*``), 32-bit integer (``I``) or float (``F``) grayscale -> ``L``, scaled, not clipped."""
+    array = np.asarray(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        scaled = array.astype(np.float64) / SIXTEEN_BIT_MAX * EIGHT_BIT_MAX
+    elif image.mode == "I":
+        top = float(array.max()) if array.size else 0.0
+        full = EIGHT_BIT_MAX if top <= EIGHT_BIT_MAX else SIXTEEN_BIT_MAX if top <= SIXTEEN_BIT_MAX else top
+        scaled = np.clip(array.astype(np.float64), 0, None) / full * EIGHT_BIT_MAX
+    else:  # "F": [0, 1] floats, or values already on the 8-bit scale
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = array * EIGHT_BIT_MAX if array.size and array.max() <= 1.0 else array
+    return Image.fromarray(np.clip(np.rint(scaled), 0, EIGHT_BIT_MAX).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> RGB: EXIF orientation applied, high bit depths scaled, alpha composited on white."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # a damaged EXIF block must not cost the pixels
+        log.debug("ignoring unreadable EXIF orientation: %s", error)
+    if image.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        image = _high_bit_depth_to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode in ("La", "RGBa", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, EIGHT_BIT_MAX))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read an image file as RGB (see :func:`to_rgb`), or raise :class:`UnusableImage` with the reason.
+
+    The pixel count is checked from the header, before anything is decoded: a decompression bomb never reaches
+    memory. ``max_pixels=None`` disables the check.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnusableImage("empty file (0 bytes)")
+        with _pixel_limit(max_pixels), Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnusableImage(
+                    f"{width}x{height} = {width * height} pixels is above data_preparation.max_image_pixels="
+                    f"{max_pixels} (decompression-bomb guard); raise that limit if the image is genuine")
+            image.load()
+            return to_rgb(image)
+    except UnusableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnusableImage(f"not a readable image: Pillow does not recognise the content of this "
+                            f"{path.suffix or 'extension-less'} file") from None
+    except (OSError, EOFError) as error:
+        if isinstance(error, EOFError) or "truncated" in str(error).lower():
+            raise UnusableImage(f"truncated image file ({error or 'unexpected end of file'})") from None
+        raise UnusableImage(f"cannot read the file: {error}") from None
+    except Exception as error:  # decoders of untrusted files raise anything (SyntaxError, struct.error, ...)
+        raise UnusableImage(f"corrupt image data ({type(error).__name__}: {error})") from None
 
 
 class SampleLoader:
@@ -118,48 +238,105 @@ class SampleLoader:
 
 
 class FileLoader:
-    """Picklable loader of one image file as RGB."""
+    """Picklable loader of one image file as RGB (:func:`load_image`)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.path = Path(path)
+        self.max_pixels = max_pixels
 
     def __call__(self) -> Image.Image:
-        return _open_image(self.path)
+        return load_image(self.path, self.max_pixels)
 
 
-def source_items(source: str) -> list[tuple[str, Callable[[], Image.Image]]]:
-    """``(name, loader)`` for every image of a source, sorted, without loading any image."""
+def source_items(source: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 ignored: list[str] | None = None) -> list[tuple[str, Callable[[], Image.Image]]]:
+    """``(name, loader)`` for every image of a source, sorted, without loading any image.
+
+    ``ignored``, if given, receives the names of the folder's files that have no image extension.
+    """
     if source == BUILTIN_SOURCE:
         return [(name, SampleLoader(name)) for name in SAMPLE_PHOTOS]
     if source.startswith("builtin:"):
         raise ValueError(f"unknown builtin image source {source!r}; the builtin source is {BUILTIN_SOURCE!r}")
     root = Path(source)
-    return [(str(path.relative_to(root)), FileLoader(path)) for path in list_folder_images(root)]
+    images, others = list_folder_files(root)
+    if ignored is not None:
+        ignored.extend(str(path.relative_to(root)) for path in others)
+    return [(str(path.relative_to(root)), FileLoader(path, max_pixels)) for path in images]
 
 
-def iter_source_images(source: str, min_side: int = 1, on_error: str = "raise") -> Iterator[tuple[str, Image.Image]]:
+@dataclass
+class SkipReport:
+    """The files a source run left out, and why: written next to the prepared images (``skipped_images.json``)."""
+
+    source: str
+    on_error: str = "skip"
+    used: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"name": name, "reason": reason})
+
+    def summary(self) -> str:
+        return (f"{self.used} images used, {len(self.skipped)} skipped, {len(self.ignored)} non-image files "
+                f"ignored from {self.source}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "on_error": self.on_error, "used": self.used,
+                "skipped_count": len(self.skipped), "skipped": self.skipped, "ignored_non_image_files": self.ignored}
+
+
+def image_problem(image: Image.Image, min_side: int = 1, resize_to: int | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """Why a loaded image cannot be used, or None: a short side below ``min_side``, or an aspect ratio so extreme
+    that resizing its short side to ``resize_to`` would exceed ``max_pixels``."""
+    width, height = image.size
+    if min(width, height) < min_side:
+        return (f"image is {width}x{height}, its short side is below data_preparation.min_side={min_side} "
+                f"(lower min_side to upscale it instead)")
+    if resize_to is not None and max_pixels is not None:
+        scale = resize_to / min(width, height)
+        resized = round(width * scale) * round(height * scale)
+        if resized > max_pixels:
+            return (f"image is {width}x{height}: resizing its short side to {resize_to} would give {resized} "
+                    f"pixels, above data_preparation.max_image_pixels={max_pixels}")
+    return None
+
+
+def iter_source_images(source: str, min_side: int = 1, on_error: str = "skip", report: SkipReport | None = None,
+                       max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                       resize_to: int | None = None) -> Iterator[tuple[str, Image.Image]]:
     """Yield ``(name, RGB image)`` pairs from a source, one at a time.
 
-    ``min_side``: images whose short side is smaller are rejected. ``on_error``: ``"raise"`` stops at the first
-    unreadable or too-small file with an error naming it; ``"skip"`` leaves it out (the caller counts skips).
+    A file that is unreadable, too small (``min_side``) or too large (``max_pixels``, also after resizing the short
+    side to ``resize_to``) is, under ``on_error="skip"``, left out, logged and added to ``report``; under
+    ``"raise"`` it stops the iteration with a ValueError naming it and the reason.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    for name, load in source_items(source):
+    if on_error not in ON_ERROR_POLICIES:
+        raise ValueError(f"data_preparation.on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
+    ignored: list[str] = []
+    items = source_items(source, max_pixels, ignored)
+    if report is not None:
+        report.ignored.extend(ignored)
+    for name, load in items:
         try:
             image = load()
-            if min(image.size) < min_side:
-                raise ValueError(f"image {name} is {image.size[0]}x{image.size[1]}, smaller than min_side={min_side}")
-        except (OSError, ValueError, UnidentifiedImageError) as error:
-            if on_error == "skip":
-                continue
-            raise ValueError(f"cannot use image {name!r} from {source}: {error}") from error
-        yield name, image
-
-
-def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+        except UnusableImage as error:
+            reason = error.reason
+        except Exception as error:  # a builtin photo failing to load is as unusable as a broken file
+            reason = f"cannot load ({type(error).__name__}: {error})"
+        else:
+            reason = image_problem(image, min_side, resize_to, max_pixels)
+        if reason is None:
+            yield name, image
+            continue
+        if on_error == "raise":
+            raise ValueError(f"cannot use image {name!r} from {source}: {reason} "
+                             f"(set data_preparation.on_error: skip to leave such files out and list them)")
+        log.warning("skipping image %s: %s", name, reason)
+        if report is not None:
+            report.skip(name, reason)
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -193,29 +370,42 @@ def split_of(name: str, val_fraction: float) -> str:
 
 @dataclass(frozen=True)
 class PreparationConfig:
+    """How a source becomes prepared crops. Images with a short side in ``[min_side, image_size)`` are upscaled
+    (bicubic); set ``min_side = image_size`` to skip them instead."""
+
     source: str = BUILTIN_SOURCE
     image_size: int = 224
     crops_per_image: int = 1
     val_fraction: float = 0.2
     min_side: int = 32
-    on_error: str = "raise"
+    on_error: str = "skip"
     max_images: int | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def prepared_records(config: PreparationConfig, seed: int) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+#: How many skip reasons an "no usable image" error quotes.
+QUOTED_REASONS = 5
+
+
+def prepared_records(config: PreparationConfig, seed: int, report: SkipReport | None = None,
+                     ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
     """Stream ``({"image": uint8 (3, S, S)}, meta)`` records: resized, square-cropped, split-labelled.
 
     The crops of an image depend only on the seed and the image's name, never on its position in the folder.
+    Skipped files go to ``report``; the log ends with the counts; a source with no usable image is an error.
     """
     if config.image_size < 1 or config.crops_per_image < 1:
         raise ValueError(
             f"image_size and crops_per_image must be >= 1, got {config.image_size} and {config.crops_per_image}"
         )
+    report = report if report is not None else SkipReport(config.source, config.on_error)
     count = 0
-    for name, image in iter_source_images(config.source, config.min_side, config.on_error):
+    for name, image in iter_source_images(config.source, config.min_side, config.on_error, report,
+                                          config.max_image_pixels, resize_to=config.image_size):
         if config.max_images is not None and count >= config.max_images:
             break
         count += 1
+        report.used = count
         resized = resize_short_side(image, config.image_size)
         split = split_of(name, config.val_fraction)
         corners = random_square_crops(resized, config.image_size, config.crops_per_image, generator(seed, "crop", name))
@@ -224,30 +414,60 @@ def prepared_records(config: PreparationConfig, seed: int) -> Iterator[tuple[dic
             patch = pixels[:, top : top + config.image_size, left : left + config.image_size].clone()
             yield {"image": patch}, {"name": name, "crop": crop, "top": top, "left": left, "split": split}
     if count == 0:
-        raise ValueError(f"image source {config.source!r} yielded no usable image")
+        reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in report.skipped[:QUOTED_REASONS])
+        raise ValueError(f"image source {config.source!r} yielded no usable image ({report.summary()})"
+                         + (f": {reasons}" if reasons else ""))
+    log.info("data preparation: %s; reasons in %s of the prepared-image store", report.summary(), SKIP_REPORT_NAME)
 
 
 class RandomCrops(Dataset):
     """Online mode: item ``(epoch, i)`` is a fresh square crop of image ``i`` (short side resized to ``image_size``,
     bicubic), drawn from ``(seed, epoch, i)``, normalised; returned with ``i``. An image that is already
-    ``image_size`` square has exactly one crop, so its crop is fixed."""
+    ``image_size`` square has exactly one crop, so its crop is fixed.
+
+    Images are read during training, so a file may have gone bad since it was prepared. With ``fallbacks`` (one
+    loader per image, e.g. its prepared crop) such an image is logged and replaced by its fallback, and items are
+    ``(crop, i, substituted)`` so the training loop can count replacements; without, the error names the file.
+    """
 
     def __init__(self, loaders: Sequence[Callable[[], Image.Image]], image_size: int, mean: Sequence[float],
-                 std: Sequence[float], seed: int):
+                 std: Sequence[float], seed: int, fallbacks: Sequence[Callable[[], Image.Image]] | None = None,
+                 min_side: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         if not loaders:
             raise ValueError("RandomCrops got no images: check the source and data_preparation.val_fraction")
+        if fallbacks is not None and len(fallbacks) != len(loaders):
+            raise ValueError(f"RandomCrops got {len(fallbacks)} fallbacks for {len(loaders)} images")
         self.loaders, self.image_size, self.seed = list(loaders), image_size, seed
+        self.fallbacks = list(fallbacks) if fallbacks is not None else None
+        self.min_side, self.max_pixels = min_side, max_pixels
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.loaders)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def _image(self, i: int) -> tuple[Image.Image, bool]:
+        load = self.loaders[i]
+        try:
+            image = load()
+            problem = image_problem(image, self.min_side, self.image_size, self.max_pixels)
+            if problem is not None:
+                raise UnusableImage(problem)
+            return image, False
+        except Exception as error:
+            what = getattr(load, "path", None) or getattr(load, "name", f"image {i}")
+            if self.fallbacks is None:
+                raise ValueError(f"online crops: cannot use {what}: {error}") from error
+            log.warning("online crops: cannot use %s (%s); training on its prepared crop instead", what, error)
+            return self.fallbacks[i](), True
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, bool]:
         epoch, i = item
-        image = resize_short_side(self.loaders[i](), self.image_size)
+        source, substituted = self._image(i)
+        image = resize_short_side(source, self.image_size)
         (top, left), = random_square_crops(image, self.image_size, 1, generator(self.seed, "online-crop", epoch, i))
         pixels = to_tensor(image)[:, top : top + self.image_size, left : left + self.image_size]
-        return normalize(pixels[None], self.mean, self.std)[0], i
+        crop = normalize(pixels[None], self.mean, self.std)[0]
+        return (crop, i) if self.fallbacks is None else (crop, i, substituted)
 
 
 class StoredImageLoader:

@@ -2,6 +2,11 @@
 
 The student sees the original image and is trained on its patch tokens only to match the teacher's TTA-denoised
 target with ``(1 - cosine) + mse_weight * MSE`` (method.md section 5).
+
+Nothing is lost to trouble: SIGINT/SIGTERM stop training at the next optimizer step with a checkpoint of the exact
+position (epoch and batch) and :class:`TrainingInterrupted`; ``resume`` then replays the remaining batches as an
+uninterrupted run would. Checkpoints are written to a temporary file and renamed, so ``kill -9`` leaves the last
+one intact. Non-finite batches are skipped and counted; more than ``max_nonfinite_batches`` abort the run.
 """
 
 from __future__ import annotations
@@ -25,12 +30,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .io import atomic_path
+from .io import Interrupted, WriteError, atomic_path, stop_on_signals
 from .utils import autocast_dtype, derive_seed, generator, normalize
 
 CHECKPOINT_NAME = "last.ckpt"
 TARGET_MODES = ("cached", "online")
+#: Settings a checkpoint taken in the middle of an epoch must share with the resumed run (they fix the batches).
+BATCH_LAYOUT_KEYS = ("batch_size", "accumulate_grad_batches", "devices", "num_nodes")
 log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped on SIGINT/SIGTERM; the checkpoint holds the exact position (see ``resume``)."""
+
+
+class NonFiniteBatchesError(FloatingPointError):
+    """More batches than ``max_nonfinite_batches`` had a non-finite student output, target or loss."""
 
 
 def distillation_loss(student: torch.Tensor, target: torch.Tensor, mse_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -102,20 +117,33 @@ class DistillConfig:
     num_nodes: int = 1
     strategy: str = "auto"   # "auto": single device, or DDP (spawned from the node; torchrun/SLURM when launched so)
     resume: bool = False
+    max_nonfinite_batches: int | None = 100  # None: never abort (non-finite batches are still skipped)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, values: dict[str, Any], prefix: str = "student_distillation.training") -> "DistillConfig":
+        """Build from configuration values, with errors naming ``<prefix>.<key>``, the value and what is allowed."""
+        from .config import ConfigError  # ph_reg.config builds on this module
+
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown distillation training parameters {unknown}; expected some of {sorted(known)}")
+            raise ValueError(f"unknown parameters {[f'{prefix}.{k}' for k in unknown]}; the known keys of {prefix} "
+                             f"are {sorted(known)}")
         values = dict(values)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         config = cls(**values)
         for name in ("epochs", "batch_size", "checkpoint_every", "accumulate_grad_batches", "devices", "num_nodes"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"training.{name} must be >= 1, got {getattr(config, name)}")
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{prefix}.{name}", value, "an integer >= 1")
+        limit = config.max_nonfinite_batches
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ConfigError(f"{prefix}.max_nonfinite_batches", limit, "an integer >= 0, or null to never abort")
+        for name in ("lr", "lr_end"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{prefix}.{name}", value, "a number > 0")
         return config
 
     @property
@@ -189,16 +217,18 @@ class EpochTaggedSampler(Sampler):
     def __init__(self, sampler: DistributedSampler):
         self.sampler = sampler
         self.epoch = 0
+        self.skip = 0
 
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def use_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw ``epoch``'s order; leave out its first ``skip`` indices (a resumed epoch's finished batches)."""
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.sampler)
+        return ((self.epoch, int(i)) for n, i in enumerate(self.sampler) if n >= self.skip)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 def _precision(config: DistillConfig) -> str:
@@ -280,6 +310,24 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     return history
 
 
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename: ``kill -9`` or a full disk never damage the last one."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as error:  # torch reports write failures (disk full) as RuntimeError
+            raise WriteError(path, error) from error
+
+
+def _check_batch_layout(saved: dict[str, Any], config: DistillConfig, checkpoint: Path) -> None:
+    changed = {k: (saved.get(k), getattr(config, k)) for k in BATCH_LAYOUT_KEYS if saved.get(k) != getattr(config, k)}
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was taken in the middle of an epoch with other batch settings "
+            f"{ {k: v[0] for k, v in changed.items()} } than now { {k: v[1] for k, v in changed.items()} }: restore "
+            f"them to resume (student_distillation.training), or delete the checkpoint to start over")
+
+
 def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_fn, load_state_fn, progress,
            on_epoch_end, online_targets, spawned):
     config = DistillConfig.from_dict(config_values)
@@ -292,86 +340,179 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_during_epoch(step, 1.0, config.lr_end / config.lr, config.epochs)
     )
-    start_epoch, history = 0, []
+    start_epoch, history, position, nonfinite_total = 0, [], None, 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if config.resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        position = state.get("position")
+        if position is not None:
+            _check_batch_layout(state["config"], config, checkpoint)
         load_state_fn(student, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        nonfinite_total = state.get("nonfinite_batches", sum(row["skipped_batches"] for row in history))
         if fabric.is_global_zero:
-            log.info("resumed from %s after epoch %d", checkpoint, start_epoch)
+            where = f"epoch {start_epoch + 1}" + (f", batch {position['batch'] + 1}" if position else "")
+            log.info("resumed from %s at %s", checkpoint, where)
+    elif config.resume and fabric.is_global_zero:
+        log.info("resume requested but no checkpoint at %s: starting from the first epoch", checkpoint)
     model, optimizer = fabric.setup(student, optimizer)
     if online_targets is not None:
         online_targets.to(fabric.device)
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world, rank=fabric.global_rank, shuffle=True,
                                                     seed=derive_seed(seed, "shuffle") % (1 << 31), drop_last=False))
     workers = config.num_workers
+    # the loader draws its worker seed from its own generator, reseeded per epoch: the global RNG (saved in
+    # checkpoints) is left to the model, so a resumed run continues the same random stream
+    loader_generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, multiprocessing_context="spawn" if workers > 0 else None)
+                        persistent_workers=workers > 0, multiprocessing_context="spawn" if workers > 0 else None,
+                        generator=loader_generator)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     trainable = [p for p in student.parameters() if p.requires_grad]
     accumulate = config.accumulate_grad_batches
+
+    def checkpoint_state(last_done_epoch: int, where: dict[str, Any] | None) -> dict[str, Any]:
+        return {"weights": state_fn(student), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "epoch": last_done_epoch, "history": history, "config": asdict(config),
+                "position": where, "nonfinite_batches": nonfinite_total}
+
+    def agreed(flag: bool) -> bool:
+        if world == 1:
+            return flag
+        return bool(fabric.all_reduce(torch.tensor(float(flag), device=fabric.device), reduce_op="sum") > 0)
+
+    def stop_now(where: dict[str, Any] | None, last_done_epoch: int, signal_name: str) -> None:
+        if checkpoint is not None:
+            if fabric.is_global_zero:
+                _save_checkpoint(checkpoint, checkpoint_state(last_done_epoch, where))
+            fabric.barrier()
+        at = (f"epoch {where['epoch'] + 1} after batch {where['batch']}" if where
+              else f"the end of epoch {last_done_epoch + 1}")
+        saved = (f"checkpoint written to {checkpoint}; rerun with student_distillation.training.resume: true to "
+                 f"continue from there" if checkpoint is not None else "no checkpoint_dir, so nothing was saved")
+        raise TrainingInterrupted(f"distillation stopped by {signal_name} at {at}: {saved}")
+
     model.train()
-    for epoch in range(start_epoch, config.epochs):
-        sampler.use_epoch(epoch)
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, cosine, mse, micro-batches
-        steps = skipped = images_seen = pending = 0
-        started = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and fabric.is_global_zero),
-                   leave=False)
-        for batch_index, (images, second) in enumerate(bar):
-            if online_targets is not None:
-                targets = online_targets(images, epoch, second.tolist())
-            else:
-                targets = second
-            output = model(images).patch
-            loss, parts = distillation_loss(output, targets, config.mse_weight)
-            finite = _all_finite(output.detach(), targets, loss.detach())
-            if world > 1:
-                finite = bool(fabric.all_reduce(torch.tensor(float(finite), device=fabric.device), reduce_op="sum")
-                              == world)
-            if not finite:
-                skipped += 1
-                continue
-            pending += 1
-            sync = pending == accumulate or batch_index == len(loader) - 1
-            with fabric.no_backward_sync(model, enabled=not sync) if world > 1 else nullcontext():
-                fabric.backward(loss / accumulate)
-            if sync:
+    with stop_on_signals() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            resumed = position if position is not None and position["epoch"] == epoch else None
+            offset = resumed["batch"] if resumed else 0
+            sampler.use_epoch(epoch, skip=offset * config.batch_size)
+            loader_generator.manual_seed(derive_seed(seed, "loader", epoch))
+            # loss, cosine, mse, micro-batches, substituted images (summed over ranks at the end of the epoch)
+            totals = torch.zeros(5, dtype=torch.float64)
+            steps = skipped = images_seen = pending = 0
+            if resumed:
+                if fabric.is_global_zero:
+                    totals = torch.tensor(resumed["totals"], dtype=torch.float64)
+                steps, skipped, images_seen = resumed["steps"], resumed["skipped"], resumed["images"]
+            flagged = bool(resumed and resumed.get("flagged"))
+            boundary = offset  # batches of this epoch done at the last optimizer step
+            saved_counts = (totals.clone(), steps, skipped, images_seen)
+            started = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=not (progress and fabric.is_global_zero), leave=False)
+            stopped = False
+            batches = iter(bar)
+            local_index = -1
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception:
+                    if not stop.requested:  # e.g. a DataLoader worker killed by the same Ctrl-C
+                        raise
+                    stopped = True
+                    break
+                local_index += 1
+                batch_index = offset + local_index
+                images, second = batch[0], batch[1]
+                if len(batch) > 2:  # online crops report images replaced by their prepared crop
+                    flagged = True
+                    totals[4] += float(batch[2].sum())
+                if online_targets is not None:
+                    targets = online_targets(images, epoch, second.tolist())
+                else:
+                    targets = second
+                output = model(images).patch
+                loss, parts = distillation_loss(output, targets, config.mse_weight)
+                finite = _all_finite(output.detach(), targets, loss.detach())
+                if world > 1:
+                    finite = bool(fabric.all_reduce(torch.tensor(float(finite), device=fabric.device),
+                                                    reduce_op="sum") == world)
+                if not finite:
+                    skipped += 1
+                    nonfinite_total += 1
+                    limit = config.max_nonfinite_batches
+                    if limit is not None and nonfinite_total > limit:
+                        raise NonFiniteBatchesError(
+                            f"aborting distillation: {nonfinite_total} batches had a non-finite (NaN or inf) student "
+                            f"output, target or loss, more than student_distillation.training.max_nonfinite_batches="
+                            f"{limit} (the last at epoch {epoch + 1}, batch {batch_index + 1}). Lower the learning "
+                            f"rate, use 32-true precision, or check the teacher targets; the last checkpoint "
+                            f"({checkpoint}) is intact")
+                    log.warning("skipping non-finite batch %d of epoch %d (%d so far)", batch_index + 1, epoch + 1,
+                                nonfinite_total)
+                else:
+                    pending += 1
+                    sync = pending == accumulate or local_index == len(loader) - 1
+                    with fabric.no_backward_sync(model, enabled=not sync) if world > 1 else nullcontext():
+                        fabric.backward(loss / accumulate)
+                    if sync:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        steps, pending = steps + 1, 0
+                    images_seen += images.shape[0] * world
+                    totals[:4] += torch.tensor([loss.item(), parts["cosine"], parts["mse"], 1.0], dtype=torch.float64)
+                    bar.set_postfix(loss=f"{loss.item():.4f}",
+                                    img_s=f"{images_seen / (time.perf_counter() - started):.1f}")
+                if pending == 0:
+                    boundary = batch_index + 1
+                    saved_counts = (totals.clone(), steps, skipped, images_seen)
+                    if local_index < len(loader) - 1 and agreed(stop.requested):
+                        stopped = True
+                        break
+            if stopped:
+                if pending:  # a worker failed mid-accumulation: go back to the last optimizer step
+                    optimizer.zero_grad(set_to_none=True)
+                totals, steps, skipped, images_seen = saved_counts
+                if world > 1:
+                    totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
+                where = {"epoch": epoch, "batch": boundary, "totals": totals.tolist(), "steps": steps,
+                         "skipped": skipped, "images": images_seen, "flagged": flagged}
+                stop_now(where, epoch - 1, stop.name)
+            if pending:  # the epoch ended on skipped batches after unsynchronised backward passes
+                for param in trainable:
+                    if param.grad is not None and world > 1:
+                        param.grad = fabric.all_reduce(param.grad, reduce_op="mean")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                steps, pending = steps + 1, 0
-            images_seen += images.shape[0] * world
-            totals += torch.tensor([loss.item(), parts["cosine"], parts["mse"], 1.0], dtype=torch.float64)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_seen / (time.perf_counter() - started):.1f}")
-        if pending:  # the epoch ended on skipped batches after unsynchronised backward passes
-            for param in trainable:
-                if param.grad is not None and world > 1:
-                    param.grad = fabric.all_reduce(param.grad, reduce_op="mean")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-        if world > 1:
-            totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
-        micro = totals[3].item()
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": steps, "skipped_batches": skipped,
-               "images": images_seen}
-        row.update({k: (totals[j].item() / micro if micro else math.nan) for j, k in enumerate(("loss", "cosine", "mse"))})
-        history.append(row)
-        scheduler.step()
-        done = epoch + 1 == config.epochs
-        if checkpoint is not None and ((epoch + 1) % config.checkpoint_every == 0 or done):
-            if fabric.is_global_zero:
-                with atomic_path(checkpoint) as tmp:
-                    torch.save({"weights": state_fn(student), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                                "history": history, "config": asdict(config)}, tmp)
-            fabric.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
+                steps += 1
+            if world > 1:
+                totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
+            micro = totals[3].item()
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "steps": steps,
+                   "skipped_batches": skipped, "images": images_seen}
+            row.update({k: (totals[j].item() / micro if micro else math.nan)
+                        for j, k in enumerate(("loss", "cosine", "mse"))})
+            if flagged:
+                row["substituted_images"] = int(totals[4].item())
+            history.append(row)
+            scheduler.step()
+            done = epoch + 1 == config.epochs
+            interrupt = not done and agreed(stop.requested)
+            if checkpoint is not None and ((epoch + 1) % config.checkpoint_every == 0 or done) and not interrupt:
+                if fabric.is_global_zero:
+                    _save_checkpoint(checkpoint, checkpoint_state(epoch, None))
+                fabric.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            if interrupt:
+                stop_now(None, epoch, stop.name)
     if not fabric.is_global_zero:
         return None, history
     weights = {k: v.contiguous() for k, v in state_fn(student).items()}

@@ -1,17 +1,26 @@
-"""Atomic file writes and sharded safetensors stores.
+"""Atomic file writes, resumable sharded safetensors stores and graceful stops on SIGINT/SIGTERM.
 
 A *shard store* is a folder of ``shard-00000.safetensors`` files plus an ``index.json`` that lists, for every
 record, its shard, its row and its metadata. Records are streamed in and out, so a store can hold Flickr30k's
 31,783 images without ever holding them all in memory. Every file is written to a temporary name and renamed,
 and the index is written last: a store with an index is complete.
+
+Each shard also carries, in its safetensors header, its own records and a fingerprint of the store's attributes.
+An interrupted write (SIGTERM, ``kill -9``, a full disk) therefore leaves whole shards that a later write with the
+same fingerprint keeps: it resumes at the first missing shard (:func:`write_stream`).
 """
 
 from __future__ import annotations
 
+import errno as errno_codes
+import hashlib
 import json
+import logging
 import os
+import signal
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,19 +31,117 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
+SHARD_GLOB = "shard-*.safetensors"
 STORE_FORMAT = "ph-reg-shards/2"  # 2: tensors stored per record ("<row>/<key>")
+SHARD_HEADER_KEY = "ph_reg_shard"  # safetensors metadata: {"fingerprint", "keys", "records"} of that shard
+DEFAULT_RECORDS_PER_SHARD = 256
+Record = tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]  # (tensors, metadata) of one store record
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DEFAULT_FILE_MODE = 0o666  # what open() would create, before the umask
+log = logging.getLogger(__name__)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, permission, ...). Nothing was left under its name: a previous
+    version of the file, if any, is unchanged."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException):
+        self.path = Path(path)
+        super().__init__(
+            getattr(error, "errno", None) or errno_codes.EIO,
+            f"cannot write {self.path}: {error}. Nothing was written under that name (a previous version, if any, "
+            f"is unchanged); free disk space or fix the folder's permissions and rerun",
+        )
+        self.filename = str(self.path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class Interrupted(RuntimeError):
+    """A run stopped cleanly on SIGINT/SIGTERM after saving what it had finished; rerunning continues from there."""
+
+
+class StopRequest:
+    """Set by :func:`stop_on_signals` when SIGINT or SIGTERM arrives; loops poll it at safe points."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
+
+@contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Turn the first SIGINT/SIGTERM into a stop request instead of killing the process.
+
+    The caller finishes its current step, saves, and stops. The handler is removed at the first signal, so a second
+    one acts at once (SIGINT raises KeyboardInterrupt, SIGTERM kills). Outside the main thread signals cannot be
+    caught and the request is never set.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def request_stop(signum: int, frame: Any) -> None:  # no logging here: it is not reentrant
+        stop.signum = signum
+        restore()
+
+    for sig in signals:
+        signal.signal(sig, request_stop)
+    try:
+        yield stop
+    finally:
+        restore()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of ``path`` left by a killed writer (``kill -9`` between write and rename)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    An ``OSError`` while writing becomes a :class:`WriteError` naming ``path``; the temporary file is removed, so
+    no partial file is ever left under ``path``. Temporaries left by a killed earlier writer are removed first.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, DEFAULT_FILE_MODE & ~_umask())  # mkstemp's 0600 would hide artifacts from co-workers
+    except OSError as error:
+        raise WriteError(path, error) from error
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(path, error) from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -42,15 +149,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically, with sorted keys so equal data gives equal bytes."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically."""
+    """Save a flat dict of tensors as safetensors, atomically; any failure is a :class:`WriteError` naming ``path``."""
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        try:
+            save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        except Exception as error:  # safetensors reports I/O failures as its own SafetensorError
+            raise WriteError(path, error) from error
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -65,20 +176,45 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def store_fingerprint(attrs: Mapping[str, Any], records_per_shard: int) -> str:
+    """What a finished shard must match to be kept by a resumed write: the store's attributes and shard size."""
+    text = json.dumps({"format": STORE_FORMAT, "attrs": attrs, "records_per_shard": records_per_shard},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _shard_header(path: Path) -> dict[str, Any] | None:
+    """The ph_reg header of a shard, or None if the file is unreadable or was not written by a ShardWriter."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get(SHARD_HEADER_KEY)
+        return json.loads(header) if header else None
+    except Exception:  # a damaged file is simply not kept
+        return None
+
+
 class ShardWriter:
     """Stream records (dicts of tensors; shapes may differ between records) into a shard store.
 
     Record ``r`` of a shard stores its tensors under the keys ``"<r>/<name>"``. Use as a context manager; the
-    index is written only when the block exits without error.
+    index is written only when the block exits without error, and an unfinished last shard is dropped.
+
+    With ``resume=True`` the finished shards of an earlier, interrupted write with the same attributes and
+    ``records_per_shard`` are kept: ``len(writer)`` is then the number of records already stored, and the caller
+    adds the records from there on. Otherwise the store is rewritten from scratch.
     """
 
-    def __init__(self, folder: str | os.PathLike, records_per_shard: int = 256, attrs: Mapping[str, Any] | None = None):
+    def __init__(self, folder: str | os.PathLike, records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+                 attrs: Mapping[str, Any] | None = None, resume: bool = False):
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
         self.folder = Path(folder)
         self.records_per_shard = records_per_shard
         self.attrs = dict(attrs or {})
+        self.resume = resume
+        self.fingerprint = store_fingerprint(self.attrs, records_per_shard)
         self._pending: dict[str, torch.Tensor] = {}
+        self._pending_entries: list[dict[str, Any]] = []
         self._rows = 0
         self._entries: list[dict[str, Any]] = []
         self._shards: list[str] = []
@@ -86,15 +222,37 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self.folder.mkdir(parents=True, exist_ok=True)
-        index = self.folder / INDEX_NAME
-        if index.exists():
-            index.unlink()  # an incomplete rewrite must not look complete
-        for old in self.folder.glob("shard-*.safetensors"):
-            old.unlink()
+        (self.folder / INDEX_NAME).unlink(missing_ok=True)  # an incomplete rewrite must not look complete
+        if self.resume:
+            self._keep_finished_shards()
+        keep = set(self._shards)
+        for old in self.folder.glob(SHARD_GLOB):
+            if old.name not in keep:
+                old.unlink()
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         return self
 
+    def _keep_finished_shards(self) -> None:
+        """Adopt the consecutive shards 0, 1, ... whose header matches this store's fingerprint."""
+        while True:
+            name = SHARD_PATTERN.format(len(self._shards))
+            header = _shard_header(self.folder / name)
+            if header is None or header.get("fingerprint") != self.fingerprint:
+                return
+            keys = tuple(header["keys"])
+            if self._keys is not None and keys != self._keys:
+                return
+            self._keys = keys
+            self._entries.extend(header["records"])
+            self._shards.append(name)
+
+    @property
+    def finished_shards(self) -> int:
+        return len(self._shards)
+
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._pending_entries)
 
     def add(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
         keys = tuple(sorted(tensors))
@@ -104,7 +262,7 @@ class ShardWriter:
             raise ValueError(f"every record of {self.folder} must have the keys {self._keys}, got {keys}")
         for key, value in tensors.items():
             self._pending[f"{self._rows}/{key}"] = value.detach().cpu()
-        self._entries.append({"shard": len(self._shards), "row": self._rows, **dict(meta or {})})
+        self._pending_entries.append({"shard": len(self._shards), "row": self._rows, **dict(meta or {})})
         self._rows += 1
         if self._rows == self.records_per_shard:
             self._flush()
@@ -113,9 +271,11 @@ class ShardWriter:
         if not self._rows:
             return
         name = SHARD_PATTERN.format(len(self._shards))
-        save_tensors(self.folder / name, self._pending)
+        header = {"fingerprint": self.fingerprint, "keys": list(self._keys or ()), "records": self._pending_entries}
+        save_tensors(self.folder / name, self._pending, metadata={SHARD_HEADER_KEY: json.dumps(header)})
         self._shards.append(name)
-        self._pending, self._rows = {}, 0
+        self._entries.extend(self._pending_entries)
+        self._pending, self._pending_entries, self._rows = {}, [], 0
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -129,7 +289,7 @@ class ShardWriter:
 
 
 def write_shards(folder: str | os.PathLike, records: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
-                 records_per_shard: int = 256, attrs: Mapping[str, Any] | None = None) -> int:
+                 records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, attrs: Mapping[str, Any] | None = None) -> int:
     """Stream ``(tensors, meta)`` pairs into a shard store; return the number of records written."""
     with ShardWriter(folder, records_per_shard, attrs) as writer:
         for tensors, meta in records:
@@ -190,10 +350,42 @@ class ShardReader(Sequence):
 
 
 class RecordStream:
-    """Records to be streamed into a shard store by whoever saves it (a Kedro dataset or ``write_shards``)."""
+    """Records to be streamed into a shard store by whoever saves it (a Kedro dataset or :func:`write_stream`).
 
-    def __init__(self, records: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
-                 attrs: Mapping[str, Any] | None = None, records_per_shard: int | None = None):
+    ``records_from(start)``, when given, yields the records from index ``start`` on *without computing the earlier
+    ones*: it lets a resumed write skip the shards an interrupted run finished. ``reports`` maps file names to
+    functions returning JSON data; they are called once every record has been consumed and their files are
+    written into the store folder, before the index (e.g. the images a preparation skipped, and why).
+    """
+
+    def __init__(self, records: Iterable[Record], attrs: Mapping[str, Any] | None = None,
+                 records_per_shard: int | None = None,
+                 records_from: Callable[[int], Iterable[Record]] | None = None,
+                 reports: Mapping[str, Callable[[], Any]] | None = None):
         self.records = records
         self.attrs = dict(attrs or {})
         self.records_per_shard = records_per_shard
+        self.records_from = records_from
+        self.reports = dict(reports or {})
+
+
+def write_stream(folder: str | os.PathLike, stream: RecordStream,
+                 records_per_shard: int = DEFAULT_RECORDS_PER_SHARD) -> int:
+    """Write a :class:`RecordStream` into a shard store; return the number of records stored.
+
+    A stream with ``records_from`` resumes: the finished shards of an interrupted write with the same attributes
+    are kept, and only the records after them are computed.
+    """
+    folder = Path(folder)
+    resume = stream.records_from is not None
+    with ShardWriter(folder, stream.records_per_shard or records_per_shard, stream.attrs, resume=resume) as writer:
+        done = len(writer)
+        if done:
+            log.info("%s: kept %d finished shards (%d records) of an interrupted run; continuing from record %d",
+                     folder, writer.finished_shards, done, done)
+        records = stream.records_from(done) if done else stream.records
+        for tensors, meta in records:
+            writer.add(tensors, meta)
+        for name, make_report in stream.reports.items():
+            write_json(folder / name, make_report())
+    return len(writer)

@@ -1,4 +1,5 @@
-"""Kedro datasets for PH-Reg artifacts; all writes are atomic (temporary file, then rename)."""
+"""Kedro datasets for PH-Reg artifacts; all writes are atomic (temporary file, then rename), and a failed write
+names its file (:class:`ph_reg.io.WriteError`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from typing import Any
 import torch
 from kedro.io import AbstractDataset, DatasetError
 
-from ph_reg.io import RecordStream, ShardReader, load_tensors, save_tensors, write_json, write_shards
+from ph_reg.io import (RecordStream, ShardReader, load_tensors, save_tensors, write_json, write_shards,
+                       write_stream)
 
 
 class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
-    """A folder of safetensors shards plus ``index.json``. Saves a streamed ``RecordStream``; loads lazily."""
+    """A folder of safetensors shards plus ``index.json``. Saves a streamed ``RecordStream``; loads lazily.
+
+    A stream with ``records_from`` resumes an interrupted save: finished shards are kept and their records are
+    not computed again (:func:`ph_reg.io.write_stream`).
+    """
 
     def __init__(self, path: str, records_per_shard: int = 256, metadata: dict[str, Any] | None = None):
         self._path = Path(path)
@@ -27,7 +33,7 @@ class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
     def save(self, data: RecordStream) -> None:
         if not isinstance(data, RecordStream):
             raise DatasetError(f"{self._path}: expected a ph_reg.io.RecordStream, got {type(data).__name__}")
-        write_shards(self._path, data.records, data.records_per_shard or self._records_per_shard, data.attrs)
+        write_stream(self._path, data, self._records_per_shard)
 
     def _exists(self) -> bool:
         return (self._path / "index.json").is_file()

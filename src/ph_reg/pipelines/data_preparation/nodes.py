@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from ph_reg.data import PreparationConfig, prepared_records
+from ph_reg.config import data_preparation_params
+from ph_reg.data import SKIP_REPORT_NAME, SkipReport, prepared_records
 from ph_reg.io import RecordStream
 
 
 def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:
-    """Stream the source's images, resized and square-cropped, into the ``prepared_images`` store."""
-    params = dict(params)
-    records_per_shard = params.pop("records_per_shard", None)
-    try:
-        config = PreparationConfig(**params)
-    except TypeError as error:
-        raise ValueError(f"bad data_preparation parameters {sorted(params)}: {error}") from error
-    return RecordStream(prepared_records(config, seed), attrs={"image_size": config.image_size, "source": config.source},
-                        records_per_shard=records_per_shard)
+    """Stream the source's images, resized and square-cropped, into the ``prepared_images`` store.
+
+    The parameters are validated first. Files the loader skips (``on_error: skip``) are listed with their reasons
+    in the store's ``skipped_images.json`` (catalog entry ``skipped_images``), written once every image is read.
+    """
+    checked = data_preparation_params(params)
+    config = checked.config
+    report = SkipReport(config.source, config.on_error)
+    return RecordStream(prepared_records(config, seed, report),
+                        attrs={"image_size": config.image_size, "source": config.source},
+                        records_per_shard=checked.records_per_shard,
+                        reports={SKIP_REPORT_NAME: report.to_dict})

@@ -7,17 +7,21 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ph_reg.data import RandomCrops, source_items
-from ph_reg.distill import DistillConfig, OnlineTargets, TargetPairs, distill
+from ph_reg.config import (check_resolution, check_trainable, data_preparation_params,
+                           patch_size, student_distillation_params, teacher_denoising_params)
+from ph_reg.data import RandomCrops, StoredImageLoader, source_items
+from ph_reg.distill import OnlineTargets, TargetPairs, distill
 from ph_reg.io import ShardReader
 from ph_reg.models import DenseViT, build_backbone, trainable_state_dict
-from ph_reg.student import student_backbone, student_config, teacher_backbone
+from ph_reg.student import student_config, teacher_backbone
 
 
 def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
     """A fresh student whose trainable set is ``params['trainable']``; everything else is frozen."""
-    student = build_backbone(student_backbone(backbone, params["head"], params["num_registers"]))
-    student.set_trainable(params["trainable"])
+    config, checked = student_distillation_params(backbone, params)
+    student = build_backbone(config)
+    check_trainable(config, checked.trainable, model=student)
+    student.set_trainable(list(checked.trainable))
     return student
 
 
@@ -25,35 +29,52 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
                      params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
                      seed: int) -> tuple[torch.utils.data.Dataset, OnlineTargets | None]:
     """Cached mode: stored crops and targets. Online mode: fresh crops of the training images (those that
-    data_preparation accepted for the train split) and a teacher that denoises every batch."""
-    indices = images.indices(split=params["train_split"])
+    data_preparation accepted for the train split) and a teacher that denoises every batch.
+
+    An online image that can no longer be read is replaced by its prepared crop (logged, and counted in the loss
+    history's ``substituted_images``), so a bad file never stops an epoch.
+    """
+    _, checked = student_distillation_params(backbone, params)
+    teacher_config, teacher_checked = teacher_denoising_params(backbone, teacher_params)
+    data = data_preparation_params(data_params).config
+    check_resolution("data_preparation.image_size", data.image_size, patch_size(teacher_config), teacher_config.arch)
+    indices = images.indices(split=checked.train_split)
     if not indices:
-        raise ValueError(f"no prepared image has split={params['train_split']!r}: check data_preparation.val_fraction")
-    if params["targets"] == "cached":
+        raise ValueError(f"no prepared image has split={checked.train_split!r}: check data_preparation.val_fraction")
+    if checked.targets == "cached":
         if targets.attrs.get("mode") != "cached":
             raise ValueError("teacher_targets holds no cached targets (it was written in online mode): "
                              "rerun teacher_denoising with the same target mode")
         return TargetPairs(images, targets, indices, student.mean, student.std), None
-    if params["targets"] != "online":
-        raise ValueError(f"student_distillation.targets must be 'cached' or 'online', got {params['targets']!r}")
-    names = {images.meta(i)["name"] for i in indices}
-    loaders = [load for name, load in source_items(data_params["source"]) if name in names]
-    dataset = RandomCrops(loaders, data_params["image_size"], student.mean, student.std, seed)
-    teacher = build_backbone(teacher_backbone(backbone, teacher_params["head"]))
-    tta = teacher_params["tta"]
-    online = OnlineTargets(teacher, seed, n_views=tta["n_views"], shift_frac=tta["shift_frac"],
-                           flip_prob=tta["flip_prob"], pool_factor=tta["pool_factor"],
-                           max_images_per_forward=teacher_params["max_images_per_forward"])
+    first_record = {}
+    for i in indices:
+        first_record.setdefault(images.meta(i)["name"], i)
+    # the source is listed again (in its sorted order); an image gone since preparation trains on its prepared crop
+    listed = {name: load for name, load in source_items(data.source, data.max_image_pixels)}
+    names = [name for name in listed if name in first_record]
+    names += sorted(set(first_record) - set(listed))
+    loaders = [listed.get(name, StoredImageLoader(images, first_record[name])) for name in names]
+    fallbacks = [StoredImageLoader(images, first_record[name]) for name in names]
+    dataset = RandomCrops(loaders, data.image_size, student.mean, student.std, seed, fallbacks=fallbacks,
+                          min_side=data.min_side, max_pixels=data.max_image_pixels)
+    teacher = build_backbone(teacher_backbone(backbone, teacher_checked.head))
+    tta = teacher_checked.tta
+    online = OnlineTargets(teacher, seed, n_views=tta.n_views, shift_frac=tta.shift_frac, flip_prob=tta.flip_prob,
+                           pool_factor=tta.pool_factor, max_images_per_forward=teacher_checked.max_images_per_forward)
     return dataset, online
 
 
 def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
                   params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
                   seed: int) -> tuple[DenseViT, pd.DataFrame]:
-    """Distill the student on the training split; return it and its per-epoch loss history."""
+    """Distill the student on the training split; return it and its per-epoch loss history.
+
+    SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues).
+    """
+    _, checked = student_distillation_params(backbone, params)
     dataset, online = training_dataset(student, images, targets, backbone, params, teacher_params, data_params, seed)
-    config = DistillConfig.from_dict(params["training"])
-    history = distill(student, dataset, config, seed, checkpoint_dir=params["checkpoint_dir"], online_targets=online)
+    history = distill(student, dataset, checked.training, seed, checkpoint_dir=checked.checkpoint_dir,
+                      online_targets=online)
     return student, pd.DataFrame(history)
 
 

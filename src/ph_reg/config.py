@@ -1,0 +1,434 @@
+"""Typed, validated run parameters: every mistake is caught at pipeline start with a message naming the key, the
+value and what is allowed.
+
+Each pipeline's nodes call the ``*_params`` function of their section first; :func:`validate_parameters` checks
+every section at once (for a hook before the run). The architecture is looked up on PyTorch's ``meta`` device: no
+weights are built or downloaded, so the check takes a fraction of a second even for a ViT-g.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .data import BUILTIN_SOURCE, DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR_POLICIES, PreparationConfig
+from .distill import TARGET_MODES, DistillConfig
+from .models.backbone import (DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, BackboneConfig, DenseViT, OpenClipDenseViT,
+                              TimmDenseViT)
+from .targets import DTYPES
+
+SPLITS = ("train", "val")
+#: shift_frac must lie strictly inside this interval (method.md: shifts of up to half the grid alias).
+SHIFT_FRAC_BOUNDS = (0.0, 0.5)
+SUGGESTIONS = 3
+
+
+class ConfigError(ValueError):
+    """A parameter with a value that is not allowed; ``key`` is its dotted path in the configuration."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid parameter {key}: got {value!r}; allowed: {allowed}")
+
+
+# --- field checks ------------------------------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(key: str, value: Any, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(key, value, f"an integer >= {minimum}")
+    return value
+
+
+def _optional_int(key: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(key, value, f"an integer >= {minimum}, or null")
+    return value
+
+
+def _number(key: str, value: Any, low: float, high: float, closed: bool = True) -> float:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = numeric and (low <= value <= high if closed else low < value < high)
+    if not inside:
+        interval = f"[{low}, {high}]" if closed else f"the open interval ({low}, {high})"
+        raise ConfigError(key, value, f"a number in {interval}")
+    return float(value)
+
+
+def _choice(key: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ConfigError(key, value, f"one of {list(choices)}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def _device(key: str, value: Any) -> str:
+    if value == "auto":
+        return value
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(key, value, "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    return value
+
+
+def _known_keys(section: str, values: Mapping[str, Any], known: Sequence[str]) -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigError(section, values, "a mapping of parameters")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, 1) for k in unknown}
+        did_you_mean = "; ".join(f"{section}.{k}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+        raise ConfigError(f"{section}.{unknown[0]}" if len(unknown) == 1 else section, unknown,
+                          f"the keys {sorted(known)}" + (f" ({did_you_mean})" if did_you_mean else ""))
+
+
+# --- backbone --------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """open_clip warns "initialized randomly" for every model it builds: not news for a meta-device check."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_arch(arch: Any, key: str = "backbone.arch") -> tuple[str, str]:
+    families = tuple(HEADS)
+    if not isinstance(arch, str) or arch.partition(":")[0] not in families or not arch.partition(":")[2]:
+        raise ConfigError(key, arch, f"'<family>:<name>' with family one of {list(families)}, e.g. "
+                                     f"'open_clip:ViT-B-16' or 'timm:vit_base_patch14_dinov2'")
+    family, _, name = arch.partition(":")
+    if family == "open_clip":
+        import open_clip
+
+        if name.startswith(HF_HUB_PREFIX) or open_clip.get_model_config(name) is not None:
+            return family, name
+        names = open_clip.list_models()
+    else:
+        import timm
+
+        if timm.is_model(name.partition(".")[0]):
+            return family, name
+        names = timm.list_models()
+    close = difflib.get_close_matches(name, names, SUGGESTIONS)
+    hint = f"; did you mean {[f'{family}:{c}' for c in close]}?" if close else ""
+    raise ConfigError(key, arch, f"an architecture {family} knows (see {family}.list_models()){hint}")
+
+
+def _check_pretrained(family: str, name: str, tag: Any, key: str = "backbone.pretrained") -> None:
+    if tag is None or name.startswith(HF_HUB_PREFIX):
+        return
+    if not isinstance(tag, str) or not tag:
+        raise ConfigError(key, tag, "null (random or checkpoint weights) or a pretrained tag string")
+    if family == "open_clip":
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+    else:
+        import timm
+
+        if "." in name:
+            raise ConfigError(key, tag, f"null: the arch {name!r} already names its tag after the dot")
+        tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{name}.*")]
+    if tag not in tags:
+        raise ConfigError(key, tag, f"a pretrained tag of {family}:{name}: {tags}" if tags else
+                          f"null: {family}:{name} has no pretrained weights (set backbone.checkpoint to a local file)")
+
+
+def patch_size(config: BackboneConfig) -> int | None:
+    """The patch size of ``config.arch`` without building weights; None for ``hf-hub:`` names (read from the hub)."""
+    if config.model_name.startswith(HF_HUB_PREFIX):
+        return None
+    if config.family == "open_clip":
+        import open_clip
+
+        vision = open_clip.get_model_config(config.model_name)["vision_cfg"]
+        patch = vision.get("patch_size", 0)
+        return patch[0] if isinstance(patch, (tuple, list)) else patch
+    import timm
+
+    with torch.device("meta"), _quiet():
+        vit = timm.create_model(config.model_name, pretrained=False, **dict(config.model_kwargs))
+    return vit.patch_embed.patch_size[0]
+
+
+def meta_backbone(config: BackboneConfig) -> DenseViT | None:
+    """The architecture of ``config`` on the ``meta`` device (parameter names and shapes, no data, no download), to
+    check trainable-group names; None for ``hf-hub:`` names."""
+    if config.model_name.startswith(HF_HUB_PREFIX):
+        return None
+    shape_only = dataclasses.replace(config, pretrained=None, checkpoint=None)
+    with torch.device("meta"), _quiet():
+        if config.family == "open_clip":
+            import open_clip
+
+            model = open_clip.create_model(config.model_name, device="meta", **dict(config.model_kwargs))
+            return OpenClipDenseViT(shape_only, model.visual)
+        import timm
+
+        vit = timm.create_model(config.model_name, pretrained=False, img_size=config.img_size, dynamic_img_size=True,
+                                **dict(config.model_kwargs))
+        return TimmDenseViT(shape_only, vit)
+
+
+def check_resolution(key: str, size: Any, patch: int | None, arch: str) -> None:
+    """``size`` must be a positive multiple of the backbone's patch size."""
+    _int(key, size, 1)
+    if patch and size % patch:
+        lower, upper = max(patch, size - size % patch), size - size % patch + patch
+        raise ConfigError(key, size, f"a multiple of the patch size {patch} of {arch}, e.g. {lower} or {upper}")
+
+
+def backbone_params(backbone: Mapping[str, Any], head: Any = "default", num_registers: Any = 0,
+                    head_key: str = "head", registers_key: str = "num_registers") -> BackboneConfig:
+    """Validate the ``backbone`` section with a head and a register count from another section."""
+    known = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("head", "num_registers")]
+    _known_keys("backbone", backbone, known)
+    family, name = _check_arch(backbone.get("arch"))
+    if head not in HEADS[family]:
+        raise ConfigError(head_key, head, f"a {family} head: {list(HEADS[family])}")
+    _int(registers_key, num_registers, 0)
+    _check_pretrained(family, name, backbone.get("pretrained"))
+    checkpoint = backbone.get("checkpoint")
+    if checkpoint is not None:
+        if backbone.get("pretrained") is not None:
+            raise ConfigError("backbone.checkpoint", checkpoint, "null when backbone.pretrained is set (use one)")
+        if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"invalid parameter backbone.checkpoint: got {checkpoint!r}, which is not an "
+                                    f"existing file; allowed: null, or the path of a local weights file")
+    _int("backbone.init_seed", backbone.get("init_seed", 0), 0)
+    size = backbone.get("img_size", 224)
+    config = BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers})
+    check_resolution("backbone.img_size", size, patch_size(config), config.arch)
+    return config
+
+
+# --- sections --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataPreparationParams:
+    """The ``data_preparation`` section."""
+
+    config: PreparationConfig
+    records_per_shard: int | None = None
+
+
+def data_preparation_params(values: Mapping[str, Any], section: str = "data_preparation") -> DataPreparationParams:
+    """Validate ``data_preparation``; a folder source must exist."""
+    known = [f.name for f in dataclasses.fields(PreparationConfig)] + ["records_per_shard"]
+    _known_keys(section, values, known)
+    defaults = PreparationConfig()
+    get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
+    source = get("source")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"{section}.source", source, f"{BUILTIN_SOURCE!r} or the path of a folder of images")
+    if not source.startswith("builtin:") and not Path(source).is_dir():
+        raise FileNotFoundError(f"invalid parameter {section}.source: got {source!r}, which is not an existing "
+                                f"folder; allowed: a folder of images, or {BUILTIN_SOURCE!r}")
+    if source.startswith("builtin:"):
+        _choice(f"{section}.source", source, [BUILTIN_SOURCE])
+    image_size = _int(f"{section}.image_size", get("image_size"), 1)
+    config = PreparationConfig(
+        source=source,
+        image_size=image_size,
+        crops_per_image=_int(f"{section}.crops_per_image", get("crops_per_image"), 1),
+        val_fraction=_val_fraction(f"{section}.val_fraction", get("val_fraction")),
+        min_side=_int(f"{section}.min_side", get("min_side"), 1),
+        on_error=_choice(f"{section}.on_error", get("on_error"), ON_ERROR_POLICIES),
+        max_images=_optional_int(f"{section}.max_images", get("max_images"), 1),
+        max_image_pixels=_optional_int(f"{section}.max_image_pixels", values.get("max_image_pixels",
+                                                                                   DEFAULT_MAX_IMAGE_PIXELS), 1),
+    )
+    records = _optional_int(f"{section}.records_per_shard", values.get("records_per_shard"), 1)
+    return DataPreparationParams(config, records)
+
+
+def _val_fraction(key: str, value: Any) -> float:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or not 0.0 <= value < 1.0:
+        raise ConfigError(key, value, "a number in [0, 1)")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TTAParams:
+    """``teacher_denoising.tta``: the test-time augmentation of the teacher (method.md section 4)."""
+
+    n_views: int = 10
+    shift_frac: float = 0.15
+    flip_prob: float = 0.5
+    pool_factor: int = 10
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising.tta") -> "TTAParams":
+        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
+        defaults = cls()
+        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
+        low, high = SHIFT_FRAC_BOUNDS
+        return cls(n_views=_int(f"{section}.n_views", get("n_views"), 1),
+                   shift_frac=_number(f"{section}.shift_frac", get("shift_frac"), low, high, closed=False),
+                   flip_prob=_number(f"{section}.flip_prob", get("flip_prob"), 0.0, 1.0),
+                   pool_factor=_int(f"{section}.pool_factor", get("pool_factor"), 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TeacherDenoisingParams:
+    """The ``teacher_denoising`` section."""
+
+    mode: str = "cached"
+    head: str = "naclip"
+    tta: TTAParams = field(default_factory=TTAParams)
+    batch_size: int = 4
+    max_images_per_forward: int = 20
+    target_dtype: str = "float32"
+    records_per_shard: int = 64
+    device: str = "auto"
+    resume: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising") -> "TeacherDenoisingParams":
+        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
+        defaults = cls()
+        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
+        return cls(mode=_choice(f"{section}.mode", get("mode"), TARGET_MODES),
+                   head=get("head"),
+                   tta=TTAParams.from_dict(values.get("tta", {}), f"{section}.tta"),
+                   batch_size=_int(f"{section}.batch_size", get("batch_size"), 1),
+                   max_images_per_forward=_int(f"{section}.max_images_per_forward", get("max_images_per_forward"), 1),
+                   target_dtype=_choice(f"{section}.target_dtype", get("target_dtype"), sorted(DTYPES)),
+                   records_per_shard=_int(f"{section}.records_per_shard", get("records_per_shard"), 1),
+                   device=_device(f"{section}.device", get("device")),
+                   resume=_bool(f"{section}.resume", get("resume")))
+
+
+def teacher_denoising_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
+                             ) -> tuple[BackboneConfig, TeacherDenoisingParams]:
+    """Validate ``teacher_denoising`` and the teacher's backbone (its head, no registers)."""
+    params = TeacherDenoisingParams.from_dict(values)
+    config = backbone_params(backbone, params.head, 0, head_key="teacher_denoising.head")
+    return config, params
+
+
+@dataclass(frozen=True)
+class StudentDistillationParams:
+    """The ``student_distillation`` section."""
+
+    head: str = "maskclip"
+    num_registers: int = 16
+    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+    train_split: str = "train"
+    targets: str = "cached"
+    checkpoint_dir: str | None = None
+    training: DistillConfig = field(default_factory=DistillConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], section: str = "student_distillation") -> "StudentDistillationParams":
+        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
+        defaults = cls()
+        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
+        trainable = get("trainable")
+        if isinstance(trainable, str):
+            trainable = [trainable]
+        if not isinstance(trainable, Sequence) or not trainable or not all(isinstance(t, str) for t in trainable):
+            raise ConfigError(f"{section}.trainable", trainable,
+                              f"a non-empty list of groups from {list(DEFAULT_TRAINABLE)}, 'block:<index>' or "
+                              f"fnmatch patterns on parameter names")
+        checkpoint_dir = get("checkpoint_dir")
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise ConfigError(f"{section}.checkpoint_dir", checkpoint_dir, "null or a folder path")
+        return cls(head=get("head"),
+                   num_registers=_int(f"{section}.num_registers", get("num_registers"), 0),
+                   trainable=tuple(trainable),
+                   train_split=_choice(f"{section}.train_split", get("train_split"), SPLITS),
+                   targets=_choice(f"{section}.targets", get("targets"), TARGET_MODES),
+                   checkpoint_dir=checkpoint_dir,
+                   training=DistillConfig.from_dict(dict(values.get("training", {})), f"{section}.training"))
+
+
+def check_trainable(config: BackboneConfig, trainable: Sequence[str], model: DenseViT | None = None,
+                    key: str = "student_distillation.trainable") -> None:
+    """Every trainable group must unlock some parameter of the architecture (``registers`` may match none)."""
+    model = model if model is not None else meta_backbone(config)
+    if model is None:
+        return
+    for name in trainable:
+        try:
+            model.set_trainable([name])
+        except ValueError as error:
+            raise ConfigError(key, name, f"{list(DEFAULT_TRAINABLE)}, 'block:<index>' or an fnmatch pattern "
+                                         f"matching parameters of {config.arch} ({error})") from None
+
+
+def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
+                                ) -> tuple[BackboneConfig, StudentDistillationParams]:
+    """Validate ``student_distillation``, the student's backbone (head, registers) and its trainable groups."""
+    params = StudentDistillationParams.from_dict(values)
+    config = backbone_params(backbone, params.head, params.num_registers, head_key="student_distillation.head",
+                             registers_key="student_distillation.num_registers")
+    check_trainable(config, params.trainable)
+    return config, params
+
+
+#: The sections each pipeline reads (for :func:`validate_parameters` before ``kedro run --pipelines ...``).
+PIPELINE_SECTIONS = {
+    "data_preparation": ("data_preparation",),
+    "teacher_denoising": ("teacher_denoising",),
+    "student_distillation": ("student_distillation", "teacher_denoising"),
+}
+
+
+def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check the training sections of a run's parameters (``data_preparation``, ``teacher_denoising``,
+    ``student_distillation``, each with ``backbone``) before anything runs; return the typed sections.
+
+    ``sections`` limits the check to those sections (default: every one present; see ``PIPELINE_SECTIONS``). Also
+    checks what ties the sections together: the crop size is a multiple of the patch size, and cached student
+    targets need a cached teacher.
+    """
+    wanted = [name for name in (sections if sections is not None else params) if name in params]
+    backbone = params.get("backbone")
+    if backbone is None:
+        raise ConfigError("backbone", None, "a mapping with at least 'arch'")
+    result: dict[str, Any] = {}
+    if "data_preparation" in wanted:
+        result["data_preparation"] = data_preparation_params(params["data_preparation"])
+    if "teacher_denoising" in wanted:
+        result["teacher"], result["teacher_denoising"] = teacher_denoising_params(backbone, params["teacher_denoising"])
+    if "student_distillation" in wanted:
+        student, distill_params = student_distillation_params(backbone, params["student_distillation"])
+        result["student"], result["student_distillation"] = student, distill_params
+        teacher = result.get("teacher_denoising")
+        if teacher is not None and distill_params.targets == "cached" and teacher.mode != "cached":
+            raise ConfigError("student_distillation.targets", distill_params.targets,
+                              f"'online' while teacher_denoising.mode is {teacher.mode!r} (or set both to 'cached')")
+    if "data_preparation" in result:
+        config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
+        check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,
+                         patch_size(config), config.arch)
+    return result
