@@ -148,3 +148,13 @@ def test_run_record_and_alone_equals_inside_default(tmp_path, monkeypatch):
         run_session(project, name)
     assert digest() == together
     assert (project / "data/run_info/evaluation.json").is_file()
+
+
+def test_bad_parameter_fails_before_any_node_runs(tmp_path, monkeypatch):
+    files = {**TINY_OPEN_CLIP, "parameters_student_distillation.yml":
+             TINY_OPEN_CLIP["parameters_student_distillation.yml"].replace("batch_size: 2", "batch_size: 0")}
+    project = make_project(tmp_path / "project", files)
+    monkeypatch.chdir(project)
+    with pytest.raises(ValueError, match="student_distillation.training.batch_size: got 0"):
+        run_session(project, "distill")
+    assert not (project / "data/02_intermediate/prepared_images").exists()  # data_preparation never started

@@ -78,9 +78,14 @@ class NodeSeedHooks:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        from ph_reg.config import PIPELINE_SECTIONS, validate_parameters
         from ph_reg.io import write_json
 
         record = run_record(self.params, run_params)
+        # every training section this run touches is checked before any node runs (composites: all of them)
+        every = sorted({s for sections in PIPELINE_SECTIONS.values() for s in sections})
+        sections = sorted({s for name in record["pipelines"] for s in PIPELINE_SECTIONS.get(name, every)})
+        validate_parameters(self.params, sections)
         path = RUN_INFO_DIR / f"{'+'.join(record['pipelines'])}.json"
         write_json(path, record)
         log.info("run record written to %s (commit %s)", path, record["git_commit"])
