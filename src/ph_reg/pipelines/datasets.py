@@ -114,3 +114,42 @@ class ShardStoreCollectionDataset(AbstractDataset[dict[str, RecordStream], dict[
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+class AtomicFileDataset(AbstractDataset[Any, Any]):
+    """Wraps any single-file kedro-datasets dataset so that saving is atomic: the inner dataset writes to a hidden
+    temporary file in the same folder, which is then renamed onto ``filepath``.
+
+    Example: ``{type: ph_reg.pipelines.datasets.AtomicFileDataset, filepath: x.csv, dataset: {type: pandas.CSVDataset}}``
+    """
+
+    def __init__(self, filepath: str, dataset: dict[str, Any], metadata: dict[str, Any] | None = None):
+        from kedro.io.core import parse_dataset_definition
+
+        self._filepath = Path(filepath)
+        self._class, self._config = parse_dataset_definition(dict(dataset))
+        self.metadata = metadata
+
+    def _inner(self, path: Path) -> AbstractDataset:
+        return self._class(**{**self._config, "filepath": str(path)})
+
+    def load(self) -> Any:
+        return self._inner(self._filepath).load()
+
+    def save(self, data: Any) -> None:
+        from ph_reg.io import atomic_path
+
+        with atomic_path(self._filepath) as tmp:
+            # the temporary name keeps the real suffix, so format-sniffing writers behave as for the real file
+            staged = tmp.with_name(tmp.name + self._filepath.suffix)
+            try:
+                self._inner(staged).save(data)
+                staged.replace(tmp)
+            finally:
+                staged.unlink(missing_ok=True)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "dataset": self._class.__name__}
