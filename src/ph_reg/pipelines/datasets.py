@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kedro.io import AbstractDataset, DatasetError
 
-from ph_reg.io import (RecordStream, ShardReader, load_tensors, save_tensors, write_json, write_shards,
-                       write_stream)
+# torch and ph_reg.io (which imports torch) are imported in load/save, so building the catalog is fast
+if TYPE_CHECKING:
+    import torch
+
+    from ph_reg.io import RecordStream, ShardReader
 
 
-class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
+class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
     """A folder of safetensors shards plus ``index.json``. Saves a streamed ``RecordStream``; loads lazily.
 
     A stream with ``records_from`` resumes an interrupted save: finished shards are kept and their records are
@@ -28,9 +30,13 @@ class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
         self.metadata = metadata
 
     def load(self) -> ShardReader:
+        from ph_reg.io import ShardReader
+
         return ShardReader(self._path)
 
     def save(self, data: RecordStream) -> None:
+        from ph_reg.io import RecordStream, write_stream
+
         if not isinstance(data, RecordStream):
             raise DatasetError(f"{self._path}: expected a ph_reg.io.RecordStream, got {type(data).__name__}")
         write_stream(self._path, data, self._records_per_shard)
@@ -42,7 +48,7 @@ class ShardStoreDataset(AbstractDataset[RecordStream, ShardReader]):
         return {"path": str(self._path), "records_per_shard": self._records_per_shard}
 
 
-class SafetensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torch.Tensor]]):
+class SafetensorsDataset(AbstractDataset["dict[str, torch.Tensor]", "dict[str, torch.Tensor]"]):
     """A flat dict of tensors in one safetensors file."""
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None):
@@ -50,9 +56,13 @@ class SafetensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torc
         self.metadata = metadata
 
     def load(self) -> dict[str, torch.Tensor]:
+        from ph_reg.io import load_tensors
+
         return load_tensors(self._path)
 
     def save(self, data: dict[str, torch.Tensor]) -> None:
+        from ph_reg.io import save_tensors
+
         save_tensors(self._path, data)
 
     def _exists(self) -> bool:
@@ -73,6 +83,8 @@ class JSONDataset(AbstractDataset[Any, Any]):
         return json.loads(self._path.read_text())
 
     def save(self, data: Any) -> None:
+        from ph_reg.io import write_json
+
         write_json(self._path, data)
 
     def _exists(self) -> bool:
@@ -82,7 +94,7 @@ class JSONDataset(AbstractDataset[Any, Any]):
         return {"path": str(self._path)}
 
 
-class ShardStoreCollectionDataset(AbstractDataset[dict[str, RecordStream], dict[str, ShardReader]]):
+class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "dict[str, ShardReader]"]):
     """Named shard stores in sub-folders of one folder (e.g. ``teacher/segmentation/voc21/train``).
 
     Saving replaces the whole collection; each store is streamed and complete once its index is written.
@@ -94,12 +106,16 @@ class ShardStoreCollectionDataset(AbstractDataset[dict[str, RecordStream], dict[
         self.metadata = metadata
 
     def load(self) -> dict[str, ShardReader]:
+        from ph_reg.io import ShardReader
+
         if not self._path.is_dir():
             raise DatasetError(f"no shard-store collection at {self._path}")
         return {str(index.parent.relative_to(self._path)): ShardReader(index.parent)
                 for index in sorted(self._path.rglob("index.json"))}
 
     def save(self, data: dict[str, RecordStream]) -> None:
+        from ph_reg.io import RecordStream, write_shards
+
         for name, stream in data.items():
             if not isinstance(stream, RecordStream):
                 raise DatasetError(f"{self._path}/{name}: expected a ph_reg.io.RecordStream, got {type(stream).__name__}")

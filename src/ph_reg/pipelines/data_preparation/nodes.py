@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ph_reg.config import data_preparation_params
-from ph_reg.data import SKIP_REPORT_NAME, SkipReport, prepared_records
-from ph_reg.io import RecordStream
+# the ph_reg library modules import torch: they are imported inside the nodes, so loading the pipelines is fast
+if TYPE_CHECKING:
+    from ph_reg.io import RecordStream
 
 
 def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:
@@ -15,6 +15,10 @@ def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:
     The parameters are validated first. Files the loader skips (``on_error: skip``) are listed with their reasons
     in the store's ``skipped_images.json`` (catalog entry ``skipped_images``), written once every image is read.
     """
+    from ph_reg.config import data_preparation_params
+    from ph_reg.data import SKIP_REPORT_NAME, SkipReport, prepared_records
+    from ph_reg.io import RecordStream
+
     checked = data_preparation_params(params)
     config = checked.config
     report = SkipReport(config.source, config.on_error)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from matplotlib.figure import Figure
 
-from ph_reg.dense_eval import (probe_feature_streams, probe_models, run_probes, table2, zero_shot_evaluation,
-                               zero_shot_figures)
-from ph_reg.io import RecordStream
-from ph_reg.evaluate import artifact_evaluation
-from ph_reg.zeroshot import table1
-from ph_reg.io import ShardReader
-from ph_reg.models import BackboneConfig, build_backbone, load_trainable_state_dict
-from ph_reg.student import build_student_from_config
-from ph_reg.utils import resolve_device
+# torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
+# pipelines is fast
+if TYPE_CHECKING:
+    import torch
+
+    from ph_reg.io import RecordStream, ShardReader
+    from ph_reg.models import BackboneConfig
 
 RANDOM_WEIGHTS_WARNING = (
     "The backbone has random weights (no pretrained tag and no checkpoint): it has no learned artifacts, so these "
@@ -26,6 +23,10 @@ RANDOM_WEIGHTS_WARNING = (
 def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weights: dict[str, torch.Tensor],
                        student_config: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], Figure, str]:
     """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report."""
+    from ph_reg.evaluate import artifact_evaluation
+    from ph_reg.models import BackboneConfig, build_backbone
+    from ph_reg.utils import resolve_device
+
     device = resolve_device(params["device"])
     teacher = build_backbone(BackboneConfig.from_dict(student_config["teacher"])).to(device)
     student, _ = load_evaluated_student(student_weights, student_config, device)
@@ -43,6 +44,9 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
 
 def load_evaluated_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any], device):
     """The distilled student (eval mode, on ``device``) and its base model's config."""
+    from ph_reg.models import BackboneConfig, load_trainable_state_dict
+    from ph_reg.student import build_student_from_config
+
     student = build_student_from_config(student_config)
     load_trainable_state_dict(student, student_weights)
     return student.to(device).eval(), BackboneConfig.from_dict(student_config["teacher"])
@@ -80,6 +84,11 @@ def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[s
 def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
                              params: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
+    from ph_reg.dense_eval import zero_shot_evaluation, zero_shot_figures
+    from ph_reg.models import BackboneConfig
+    from ph_reg.utils import resolve_device
+    from ph_reg.zeroshot import table1
+
     device = resolve_device(params["device"])
     settings = params["zero_shot"]
     base = BackboneConfig.from_dict(student_config["teacher"])
@@ -107,6 +116,9 @@ def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_c
 def cache_probe_features(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
                          params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
     """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
+    from ph_reg.dense_eval import probe_feature_streams, probe_models
+    from ph_reg.utils import resolve_device
+
     device = resolve_device(params["device"])
     settings = params["probes"]
     student, base = load_evaluated_student(student_weights, student_config, device)
@@ -118,6 +130,9 @@ def cache_probe_features(student_weights: dict[str, torch.Tensor], student_confi
 def evaluate_probes(features: dict[str, ShardReader], student_config: dict[str, Any], params: dict[str, Any],
                     seed: int) -> tuple[dict[str, Any], str]:
     """Train the linear probes from the cache and report them in the paper's Table 2 format."""
+    from ph_reg.dense_eval import run_probes, table2
+    from ph_reg.models import BackboneConfig
+
     settings = params["probes"]
     results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed)
     table, markdown = table2(results, settings.get("published"))

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
-from ph_reg.config import (check_resolution, check_trainable, data_preparation_params,
-                           patch_size, student_distillation_params, teacher_denoising_params)
-from ph_reg.data import RandomCrops, StoredImageLoader, source_items
-from ph_reg.distill import OnlineTargets, TargetPairs, distill
-from ph_reg.io import ShardReader
-from ph_reg.models import DenseViT, build_backbone, trainable_state_dict
-from ph_reg.student import student_config, teacher_backbone
+# torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
+# pipelines is fast
+if TYPE_CHECKING:
+    import torch
+
+    from ph_reg.distill import OnlineTargets
+    from ph_reg.io import ShardReader
+    from ph_reg.models import DenseViT
 
 
 def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
     """A fresh student whose trainable set is ``params['trainable']``; everything else is frozen."""
+    from ph_reg.config import check_trainable, student_distillation_params
+    from ph_reg.models import build_backbone
+
     config, checked = student_distillation_params(backbone, params)
     student = build_backbone(config)
     check_trainable(config, checked.trainable, model=student)
@@ -34,6 +37,13 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     An online image that can no longer be read is replaced by its prepared crop (logged, and counted in the loss
     history's ``substituted_images``), so a bad file never stops an epoch.
     """
+    from ph_reg.config import (check_resolution, data_preparation_params, patch_size, student_distillation_params,
+                               teacher_denoising_params)
+    from ph_reg.data import RandomCrops, StoredImageLoader, source_items
+    from ph_reg.distill import OnlineTargets, TargetPairs
+    from ph_reg.models import build_backbone
+    from ph_reg.student import teacher_backbone
+
     _, checked = student_distillation_params(backbone, params)
     teacher_config, teacher_checked = teacher_denoising_params(backbone, teacher_params)
     data = data_preparation_params(data_params).config
@@ -71,6 +81,9 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
 
     SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues).
     """
+    from ph_reg.config import student_distillation_params
+    from ph_reg.distill import distill
+
     _, checked = student_distillation_params(backbone, params)
     dataset, online = training_dataset(student, images, targets, backbone, params, teacher_params, data_params, seed)
     history = distill(student, dataset, checked.training, seed, checkpoint_dir=checked.checkpoint_dir,
@@ -81,6 +94,9 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
 def export_student(student: DenseViT, backbone: dict[str, Any], teacher_params: dict[str, Any],
                    params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The trainable-weights delta and the JSON config that ``ph_reg.load_student`` rebuilds it from."""
+    from ph_reg.models import trainable_state_dict
+    from ph_reg.student import student_config, teacher_backbone
+
     weights = trainable_state_dict(student)
     config = student_config(student.config, params["trainable"], list(weights),
                             teacher=teacher_backbone(backbone, teacher_params["head"]),

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ph_reg.config import check_resolution, patch_size, teacher_denoising_params
-from ph_reg.io import RecordStream, ShardReader
-from ph_reg.models import build_backbone
-from ph_reg.targets import denoised_target_records, target_dtype
-from ph_reg.utils import resolve_device
+# the ph_reg library modules import torch: they are imported inside the nodes, so loading the pipelines is fast
+if TYPE_CHECKING:
+    from ph_reg.io import RecordStream, ShardReader
 
 
 def _store_digest(images: ShardReader) -> str:
@@ -26,6 +24,12 @@ def denoise_teacher(images: ShardReader, backbone: dict[str, Any], params: dict[
     the store is written empty. With ``resume`` (the default) a run interrupted by SIGTERM, ``kill -9`` or a full
     disk keeps its finished shards: the next run computes only the records after them.
     """
+    from ph_reg.config import check_resolution, patch_size, teacher_denoising_params
+    from ph_reg.io import RecordStream
+    from ph_reg.models import build_backbone
+    from ph_reg.targets import denoised_target_records, target_dtype
+    from ph_reg.utils import resolve_device
+
     config, checked = teacher_denoising_params(backbone, params)
     if "image_size" in images.attrs:
         check_resolution("data_preparation.image_size", images.attrs["image_size"], patch_size(config), config.arch)
