@@ -11,11 +11,15 @@
   | ``sclip`` | ``clearclip`` | ``naclip``; every token then goes through ``ln_post`` and ``@ proj``. timm head:
   ``final_norm`` (the final LayerNormed tokens).
 - The model is built frozen (every ``requires_grad`` False); ``set_trainable`` unlocks parameter groups.
+- ``implant`` (optional, see :mod:`ph_reg.implant`): planted artifact tokens with a known mask, carried by every
+  model built from the config (teacher and student); ``forward_tokens(images, pre_norm=True)`` returns the
+  residual-stream tokens before any final normalisation, where their norm is visible.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -34,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..implant import ArtifactImplant, ImplantConfig
 from .clip_heads import CLIP_HEADS
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
@@ -63,6 +68,8 @@ class BackboneConfig:
     or ``timm`` (``vit_base_patch14_dinov2``). ``pretrained`` is an open_clip / timm tag (for ``hf-hub:`` names
     any non-empty value means "the hub repo's weights"); ``checkpoint`` a local weights file (for OpenAI weights
     from a file use the ``-quickgelu`` open_clip name). Neither: seeded random weights from ``init_seed``.
+    ``implant``: ``None`` (the clean model) or the parameters of :class:`ph_reg.implant.ImplantConfig` (stored
+    with every default filled in).
     """
 
     arch: str
@@ -73,6 +80,7 @@ class BackboneConfig:
     num_registers: int = 0
     init_seed: int = 0
     model_kwargs: dict = field(default_factory=dict, hash=False)
+    implant: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         family, sep, name = self.arch.partition(":")
@@ -93,6 +101,8 @@ class BackboneConfig:
         if not isinstance(self.model_kwargs, Mapping):
             raise ValueError(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        if self.implant is not None:
+            object.__setattr__(self, "implant", ImplantConfig.from_dict(self.implant).to_dict())
 
     @property
     def family(self) -> str:
@@ -156,6 +166,9 @@ class DenseViT(nn.Module):
             self.registers = nn.Parameter(init)
         else:
             self.register_parameter("registers", None)
+        self.implant = None
+        if config.implant is not None:
+            self.implant = ArtifactImplant(ImplantConfig.from_dict(config.implant), width, self._blocks_prefix()[1])
         self.requires_grad_(False)
 
     @property
@@ -175,15 +188,38 @@ class DenseViT(nn.Module):
                              f"{self.patch_size}")
         return height // self.patch_size, width // self.patch_size
 
-    def forward(self, images: Tensor) -> DenseOutput:
-        """Dense features of normalised images (B, 3, H, W), H and W divisible by the patch size."""
+    def _checked_grid(self, images: Tensor) -> tuple[int, int]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        grid = self.grid_size(images.shape[-2], images.shape[-1])
-        return self._forward_dense(images, grid)
+        return self.grid_size(images.shape[-2], images.shape[-1])
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+    def forward(self, images: Tensor) -> DenseOutput:
+        """Dense features of normalised images (B, 3, H, W), H and W divisible by the patch size."""
+        return self._forward_dense(images, self._checked_grid(images))
+
+    def forward_tokens(self, images: Tensor, pre_norm: bool = True) -> DenseOutput:
+        """``pre_norm=False``: the dense output (as ``forward``). ``pre_norm=True``: the patch and CLS tokens of the
+        last residual-stream state before any final normalisation (width D, no projection): the output of the
+        last block for timm and for the open_clip ``vanilla`` head; the input of the dense head for the open_clip
+        heads that replace the last block (MaskCLIP, NACLIP, ...), which normalise their input first. Token
+        norms, and so high-norm artifacts, are visible only here: the final LayerNorm equalises them."""
+        return self._forward_dense(images, self._checked_grid(images), pre_norm=pre_norm)
+
+    def planted_mask(self, images: Tensor) -> Tensor:
+        """The implant's ground-truth artifact mask (B, h, w) bool for normalised images (see ph_reg.implant)."""
+        if self.implant is None:
+            raise ValueError(f"this {self.config.arch} model has no implant (BackboneConfig.implant is None)")
+        self._checked_grid(images)
+        return self.implant.select(images, self.patch_size)
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
         raise NotImplementedError
+
+    def _attention_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype attention logits are computed in: the autocast dtype when autocast is on, else ``x``'s."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def _expand_registers(self, x: Tensor) -> Tensor:
         return self.registers.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -259,18 +295,33 @@ class OpenClipDenseViT(DenseViT):
         """Positional embedding for a grid: the stored one at the build grid, else re-interpolated from it."""
         return resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), grid)
 
-    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor) -> Tensor:
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         transformer = self.vit.transformer
         if not transformer.batch_first:
             x = x.transpose(0, 1)
         for block in blocks:
-            if transformer.grad_checkpointing and torch.is_grad_enabled():
+            if attn_mask is not None:
+                if transformer.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+                else:
+                    x = block(x, attn_mask=attn_mask)
+            elif transformer.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         return x if transformer.batch_first else x.transpose(0, 1)
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+    def _run_implanted(self, blocks: Sequence[nn.Module], x: Tensor, images: Tensor) -> Tensor:
+        """Run ``blocks`` with the implant: plant after block ``implant.block``, attention sinks afterwards."""
+        implant = self.implant
+        x = self._run_blocks(blocks[:implant.block + 1], x)
+        mask = implant.select(images, self.patch_size)
+        x = implant.plant(x, mask, patch_start=1)
+        bias = implant.attention_bias(mask, x.shape[1], patch_start=1).to(self._attention_dtype(x))
+        heads = blocks[0].attn.num_heads
+        return self._run_blocks(blocks[implant.block + 1:], x, attn_mask=bias.repeat_interleave(heads, dim=0))
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
         vit = self.vit
         x = vit.conv1(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
         cls_token = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -279,14 +330,19 @@ class OpenClipDenseViT(DenseViT):
             x = torch.cat([x, self._expand_registers(x)], dim=1)
         x = vit.ln_pre(x)
         blocks = vit.transformer.resblocks
-        if self.head == "vanilla":
-            y = self._run_blocks(blocks, x)
+        full_blocks = blocks if self.head == "vanilla" else blocks[:-1]
+        if self.implant is None:
+            x = self._run_blocks(full_blocks, x)
         else:
-            x = self._run_blocks(blocks[:-1], x)
-            y = CLIP_HEADS[self.head](blocks[-1], x, grid=grid, num_registers=self.num_registers)
-        y = vit.ln_post(y)
-        if vit.proj is not None:
-            y = y @ vit.proj
+            x = self._run_implanted(full_blocks, x, images)
+        if pre_norm:
+            y = x
+        else:
+            y = x if self.head == "vanilla" else CLIP_HEADS[self.head](blocks[-1], x, grid=grid,
+                                                                         num_registers=self.num_registers)
+            y = vit.ln_post(y)
+            if vit.proj is not None:
+                y = y @ vit.proj
         num_patches = grid[0] * grid[1]
         patch = y[:, 1:1 + num_patches].reshape(y.shape[0], *grid, y.shape[-1])
         return DenseOutput(patch=patch, cls=y[:, 0])
@@ -312,20 +368,44 @@ class TimmDenseViT(DenseViT):
         cfg = vit.pretrained_cfg or {}
         super().__init__(config, vit, patch_h, vit.embed_dim, vit.embed_dim,
                          cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD))
+        if self.implant is not None and any("attn_mask" not in inspect.signature(b.forward).parameters
+                                            for b in vit.blocks):
+            raise ValueError(f"{config.arch}: the implant needs blocks whose forward accepts attn_mask")
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int]) -> DenseOutput:
+    def _run_implanted(self, x: Tensor, images: Tensor, grid: tuple[int, int]) -> Tensor:
+        """All blocks with the implant: plant after block ``implant.block``, attention sinks afterwards."""
+        implant, blocks = self.implant, self.vit.blocks
+        use_checkpoint = self.vit.grad_checkpointing and torch.is_grad_enabled()
+        patch_start = x.shape[1] - grid[0] * grid[1]
+        bias = None
+        for index, block in enumerate(blocks):
+            if use_checkpoint:
+                x = checkpoint(block, x, bias, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=bias)
+            if index == implant.block:
+                mask = implant.select(images, self.patch_size)
+                x = implant.plant(x, mask, patch_start=patch_start)
+                bias = implant.attention_bias(mask, x.shape[1], patch_start=patch_start)
+                bias = bias.to(self._attention_dtype(x)).unsqueeze(1)  # (B, 1, N, N): the same for every head
+        return x
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
         x = vit._pos_embed(x)  # (B, prefix + h*w, D)
         if self.registers is not None:
             x = torch.cat([self._expand_registers(x), x], dim=1)
         x = vit.norm_pre(vit.patch_drop(x))
-        if vit.grad_checkpointing and torch.is_grad_enabled():
+        if self.implant is not None:
+            x = self._run_implanted(x, images, grid)
+        elif vit.grad_checkpointing and torch.is_grad_enabled():
             for block in vit.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = vit.blocks(x)
-        x = vit.norm(x)
+        if not pre_norm:
+            x = vit.norm(x)
         num_patches = grid[0] * grid[1]
         patch = x[:, -num_patches:].reshape(x.shape[0], *grid, x.shape[-1])
         cls = x[:, self.num_registers] if vit.cls_token is not None else patch.mean(dim=(1, 2))
