@@ -376,7 +376,9 @@ def test_pretrained_offline_raises_weights_unavailable(arch, tag):
     with pytest.raises(WeightsUnavailableError, match="network") as info:
         build_backbone({"arch": arch, "pretrained": tag})
     assert arch in str(info.value) and tag in str(info.value)
-    assert info.value.__cause__ is not None
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no hub stack trace
+    assert info.value.original is not None  # the hub's error is kept for debugging
+    assert "data/01_raw/weights/" in str(info.value) and "pretrained: null" in str(info.value)
     assert isinstance(info.value, RuntimeError)
 
 

@@ -431,11 +431,18 @@ def _check_open_clip_tower(config: BackboneConfig, vit: nn.Module) -> None:
 
 
 def _weights_unavailable(config: BackboneConfig, exc: Exception, hint: str = "") -> WeightsUnavailableError:
-    return WeightsUnavailableError(
-        f"could not fetch pretrained weights for arch {config.arch!r} with pretrained={config.pretrained!r}: {exc}. "
-        f"{hint}This needs network access once to fill the Hugging Face cache (run once with network and "
-        "HF_HUB_OFFLINE unset), or pass `checkpoint:` with a downloaded weights file."
+    """One clear message (raised ``from None``, so no hub stack trace); the hub's error stays in ``.original``."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    error = WeightsUnavailableError(
+        f"could not fetch pretrained weights for arch {config.arch!r} with pretrained={config.pretrained!r} "
+        f"({type(exc).__name__}: {reason}). {hint}Either run once with network access (HF_HUB_OFFLINE unset) to "
+        "fill the Hugging Face cache, or download the weights file on a machine with network access, copy it to "
+        "e.g. data/01_raw/weights/, and set `checkpoint:` (backbone.checkpoint: data/01_raw/weights/<file>) with "
+        "backbone.pretrained: null (OpenAI CLIP weights from a file need the '-quickgelu' arch, e.g. "
+        "open_clip:ViT-B-16-quickgelu)."
     )
+    error.original = exc
+    return error
 
 
 def _build_open_clip(config: BackboneConfig) -> OpenClipVisionTransformer:
@@ -452,7 +459,7 @@ def _create_open_clip(config: BackboneConfig) -> nn.Module:
             model = open_clip.create_model(name, load_weights=config.pretrained is not None,
                                            require_pretrained=config.pretrained is not None, **kwargs)
         except Exception as exc:
-            raise _weights_unavailable(config, exc) from exc
+            raise _weights_unavailable(config, exc) from None
         if config.checkpoint is not None:
             open_clip.load_checkpoint(model, config.checkpoint, strict=True)
         return model
@@ -465,7 +472,7 @@ def _create_open_clip(config: BackboneConfig) -> nn.Module:
             model = open_clip.create_model(name, pretrained=config.pretrained, require_pretrained=True,
                                            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **kwargs)
         except Exception as exc:
-            raise _weights_unavailable(config, exc, hint) from exc
+            raise _weights_unavailable(config, exc, hint) from None
     else:
         model = open_clip.create_model(name, pretrained=config.checkpoint, **kwargs)
     return model
@@ -487,7 +494,7 @@ def _build_timm(config: BackboneConfig) -> TimmVisionTransformer:
     except Exception as exc:
         if tag is None:
             raise
-        raise _weights_unavailable(config, exc) from exc
+        raise _weights_unavailable(config, exc) from None
     vit.reset_classifier(0)  # the classification head is never used
     return vit
 
