@@ -30,7 +30,7 @@ from ph_reg.artifact_benchmark import (SourceFeatures, add_probe_results, artifa
                                        benchmark_figure, benchmark_markdown, check_targets, tta_tokens)
 from ph_reg.data import PreparationConfig, prepared_records
 from ph_reg.distill import DistillConfig, TargetPairs, distill
-from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
+from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone, clean_copy
 from ph_reg.utils import normalize
 
 QUICK = dict(arch="open_clip:ph-reg-tiny-ViT-16", img_size=64, epochs=2, batch_size=4, max_images=8,
@@ -103,8 +103,8 @@ def main() -> None:
     started = time.perf_counter()
     implant = json.loads(args.implant)
     base = {"arch": args.arch, "img_size": args.img_size, "implant": implant}
-    clean = build_backbone(BackboneConfig(**{**base, "implant": None, "head": args.teacher_head})).eval()
     teacher = build_backbone(BackboneConfig(**base, head=args.teacher_head)).eval()
+    clean = clean_copy(teacher)
     train, val = crops(args)
     print(f"== planted-artifact ablation: {args.arch} at {args.img_size} px, implant {teacher.config.implant}")
     print(f"   {len(train)} training crops, {len(val)} held-out crops; {args.epochs} epochs at batch "

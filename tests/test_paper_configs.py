@@ -143,7 +143,9 @@ def run_probe_nodes(weights: dict, config: dict, params: dict, folder: Path
         write_shards(folder / name, stream.records, stream.records_per_shard or 64, stream.attrs)
     stores = {str(index.parent.relative_to(folder)): ShardReader(index.parent)
               for index in sorted(folder.rglob("index.json"))}
-    metrics, markdown = evaluate_probes(stores, config, params, SEED)
+    metrics, markdown, curves = evaluate_probes(stores, config, params, SEED)
+    # one loss curve per <task>-<benchmark>-<model>
+    assert set(curves) == {"{1}-{2}-{0}".format(*key.split("/")) for key in stores}
     return stores, metrics, markdown
 
 

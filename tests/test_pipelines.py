@@ -67,15 +67,31 @@ def test_every_component_pipeline_end_to_end(tmp_path, monkeypatch, env_files):
         assert "open_clip" in zero_shot["skipped"]
 
     probes = json.loads((project / "data/08_reporting/probes.json").read_text())
-    assert set(probes["results"]) == {"teacher", "student"}
+    assert set(probes["results"]) == {"clean", "teacher", "student"}  # clean: the model without the implant
     for row in probes["results"].values():
         assert {"synthetic/mIoU", "synthetic/mAcc", "synthetic/RMSE", "synthetic/AbsRel", "synthetic/delta1"} <= set(row)
         assert 0 <= row["synthetic/mIoU"] <= 100 and row["synthetic/RMSE"] > 0
     stores = sorted(p.parent.relative_to(project / "data/05_model_input/probe_features").as_posix()
                     for p in (project / "data/05_model_input/probe_features").rglob("index.json"))
-    assert stores == sorted(f"{m}/{t}/synthetic/{s}" for m in ("student", "teacher")
+    assert stores == sorted(f"{m}/{t}/synthetic/{s}" for m in ("clean", "student", "teacher")
                             for t in ("depth", "segmentation") for s in ("train", "val"))
     assert "| teacher |" in (project / "data/08_reporting/probes.md").read_text()
+    curves = sorted(p.name for p in (project / "data/08_reporting/probe_curves").iterdir())
+    assert curves == sorted(f"{t}-synthetic-{m}.csv" for m in ("clean", "student", "teacher")
+                            for t in ("depth", "segmentation"))
+    curve = (project / "data/08_reporting/probe_curves/depth-synthetic-student.csv").read_text().splitlines()
+    assert curve[0] == "iteration,loss" and len(curve) == 1 + 5  # the tiny configuration: 5 probe iterations
+
+    # the planted-artifact benchmark: the tiny configuration inherits the base implant
+    planted = json.loads((project / "data/08_reporting/planted_artifacts.json").read_text())
+    assert set(planted["sources"]) == {"clean", "teacher", "target", "student"}
+    assert planted["images"] == len(images.indices(split="val")) and planted["planted_rate"] > 0
+    assert planted["sources"]["teacher"]["norm"]["recall"] > planted["sources"]["clean"]["norm"]["recall"]
+    assert planted["sources"]["clean"]["cosine"]["planted"] > planted["sources"]["teacher"]["cosine"]["planted"]
+    assert planted["sources"]["student"]["probes"] == probes["results"]["student"]
+    assert "teacher planted rate" in planted["targets"]
+    assert "| teacher |" in (project / "data/08_reporting/planted_artifacts.md").read_text()
+    assert (project / "data/08_reporting/figures/planted_artifacts.png").stat().st_size > 1000
 
     # the loaded student reproduces the features the evaluation measured
     x = torch.randn(1, 3, 64, 64)

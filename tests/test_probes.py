@@ -223,9 +223,11 @@ def test_segmentation_probe_learns_separable_task(tmp_path):
     result = evaluate_segmentation_probe(probe, val_store, NUM_CLASSES)
     assert set(result) == {"mIoU", "mAcc"}
     assert result["mIoU"] > 99.0 and result["mAcc"] > 99.0
-    # seeded: the same seed gives the same probe
-    again = train_segmentation_probe(train_store, config, seed=0)
+    # seeded: the same seed gives the same probe; the loss curve has one entry per iteration and falls
+    history = []
+    again = train_segmentation_probe(train_store, config, seed=0, history=history)
     assert torch.equal(probe.conv.weight, again.conv.weight)
+    assert len(history) == 60 and sum(history[-10:]) < 0.5 * sum(history[:10])
     # an untrained-looking probe (1 step) is far from perfect, so the metric is not trivially 100
     weak = train_segmentation_probe(train_store, {**config, "iterations": 1, "lr": 1e-6}, seed=0)
     assert evaluate_segmentation_probe(weak, val_store)["mIoU"] < 90.0
@@ -269,8 +271,10 @@ def test_depth_probe_fits_linear_depth(tmp_path):
     write_shards(tmp_path / "val", feature_records(model, val, 16, 8, "val", flip=True), records_per_shard=2)
     train_store, val_store = ShardReader(tmp_path / "train"), ShardReader(tmp_path / "val")
     config = DepthProbeConfig(iterations=300, lr=0.2, upsample=1, sigloss_warmup_iters=10, device="cpu")
-    probe = train_depth_probe(train_store, config, seed=0)
+    history = []
+    probe = train_depth_probe(train_store, config, seed=0, history=history)
     assert not probe.training
+    assert len(history) == 300 and sum(history[-30:]) < 0.5 * sum(history[:30])
     result = evaluate_depth_probe(probe, val_store, per_image=False)
     assert set(result) == {"RMSE", "AbsRel", "delta1", "delta2", "delta3"}
     target_std = torch.cat([s.depth[s.depth > 0] for s in val.samples]).std().item()

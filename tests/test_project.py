@@ -90,12 +90,14 @@ def test_paper_environments_override_single_keys():
     base = _params("local")
     assert base["backbone"]["pretrained"] is None and base["backbone"]["img_size"] == 224
     clip = _params("paper")
+    assert base["backbone"]["implant"]["fraction"] > 0  # the embedded default plants artifacts ...
     assert clip["backbone"] == {**base["backbone"], "arch": "open_clip:ViT-B-16", "pretrained": "openai",
-                                "img_size": 448}
+                                "img_size": 448, "implant": None}  # ... the paper's real weights have their own
     assert clip["student_distillation"]["training"]["epochs"] == 100
     assert clip["student_distillation"]["training"]["betas"] == [0.9, 0.999]  # kept from base by the soft merge
     assert clip["teacher_denoising"]["tta"]["n_views"] == 10
     dino = _params("paper_dinov2")
     assert dino["backbone"]["arch"] == "timm:vit_base_patch14_dinov2" and dino["backbone"]["img_size"] == 518
+    assert dino["backbone"]["implant"] is None
     assert dino["student_distillation"]["training"]["lr"] == 1e-4
     assert dino["teacher_denoising"]["head"] == dino["student_distillation"]["head"] == "final_norm"

@@ -33,7 +33,8 @@ COMPONENT_NODES = {  # written out, so that a pipeline losing a node fails here 
     "data_preparation": {"prepare_images"},
     "teacher_denoising": {"denoise_teacher"},
     "student_distillation": {"build_student", "train_student", "export_student"},
-    "evaluation": {"evaluate_artifacts", "evaluate_zero_shot", "cache_probe_features", "evaluate_probes"},
+    "evaluation": {"evaluate_artifacts", "evaluate_zero_shot", "cache_probe_features", "evaluate_probes",
+                   "evaluate_planted_artifacts"},
 }
 KEY_NODES = {
     **COMPONENT_NODES,

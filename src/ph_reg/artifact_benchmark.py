@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .denoise import TTADenoiser
 from .diagnostics import cosine_map, patch_norms, robust_outlier_mask
-from .utils import autocast_dtype, generator
+from .utils import autocast_dtype, generator, normalize
 
 __all__ = [
     "SourceFeatures",
@@ -57,6 +57,7 @@ __all__ = [
     "check_targets",
     "benchmark_markdown",
     "benchmark_figure",
+    "planted_artifact_evaluation",
 ]
 
 REFERENCE = "clean_tta"  # the name of the clean reference in reports
@@ -213,8 +214,11 @@ def check_targets(report: dict[str, Any], student: str = "student", min_planted_
                   probe_metric: str = "synthetic/mIoU") -> dict[str, dict[str, Any]]:
     """The issue's targets: ``{name: {"value", "threshold", "met"}}`` (``met`` is None when not measured).
 
-    Outlier reductions are read with the norm rule (pre-norm tokens) and, separately, with the direction rule
-    (cosine < low_cosine); the cosine target compares the mean over all tokens to the teacher's.
+    The teacher's artifacts are detected with the norm rule on its residual stream (pre-norm tokens). The outlier
+    reductions of the target and the student are read on what they are, dense outputs, with the direction rule
+    (cosine < low_cosine): their norm-rule readings are in the report, but by construction they cannot show a
+    removal (see the module docstring), so they are not targets. The cosine target compares the mean over all
+    tokens to the teacher's.
     """
     sources = report["sources"]
     teacher_cos = sources["teacher"]["cosine"]["all"]
@@ -230,8 +234,7 @@ def check_targets(report: dict[str, Any], student: str = "student", min_planted_
     for name in ("target", student):
         if name not in sources:
             continue
-        targets[f"{name}: fewer outliers than the teacher (norm rule)"] = entry(_reduction(report, name), min_reduction)
-        targets[f"{name}: fewer outliers than the teacher (direction rule)"] = entry(
+        targets[f"{name}: fewer outlier tokens than the teacher (direction rule, share removed)"] = entry(
             _reduction(report, name, "direction"), min_reduction)
         targets[f"{name}: cosine to clean above the teacher's"] = entry(sources[name]["cosine"]["all"], teacher_cos,
                                                                         higher=False)
@@ -248,9 +251,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def benchmark_markdown(report: dict[str, Any], targets: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """A Markdown table of the report (one row per source), followed by the targets when given."""
-    probe_keys = sorted({key for s in report["sources"].values() for key in s.get("probes", {})})
+def benchmark_markdown(report: dict[str, Any], targets: Mapping[str, Mapping[str, Any]] | None = None,
+                       probe_metrics: Sequence[str] = ("mIoU", "RMSE")) -> str:
+    """A Markdown table of the report (one row per source; probe columns: the ``<benchmark>/<metric>`` results whose
+    metric is in ``probe_metrics``), followed by the targets when given."""
+    probe_keys = sorted({key for s in report["sources"].values() for key in s.get("probes", {})
+                         if key.rsplit("/", 1)[-1] in probe_metrics})
     lines = [
         f"Planted artifacts: {100 * report['planted_rate']:.2f} % of the tokens of {report['images']} images. "
         f"Norm rule: robust z of the pre-norm token norm > {report['outlier_k']} (per image). Direction rule: "
@@ -272,7 +278,10 @@ def benchmark_markdown(report: dict[str, Any], targets: Mapping[str, Mapping[str
         cells += [_fmt(s.get("probes", {}).get(key), 4) for key in probe_keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if targets:
-        lines += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
+        lines += ["", "Targets. Target and student are dense outputs, so their outliers are counted by direction; "
+                  "their norm-rule rates above read a residual stream that still carries the implant (student) or "
+                  "a pre-normalisation TTA average (target), not their output.", "",
+                  "| target | value | threshold | met |", "|---|---|---|---|"]
         for name, t in targets.items():
             met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
             lines.append(f"| {name} | {_fmt(t['value'])} | {_fmt(t['threshold'])} | {met} |")
@@ -341,3 +350,38 @@ def benchmark_figure(images: Tensor, features: Mapping[str, SourceFeatures], pla
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
+
+
+def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Module, pixels: Tensor, seed: int,
+                                n_views: int = 10, target_views: int | None = None, k: float = 3.5,
+                                low_cosine: float = 0.5, batch_size: int = 4,
+                                figure_images: int = 4, probes: Mapping[str, Mapping[str, float]] | None = None,
+                                **tta: Any) -> tuple[dict[str, Any], str, Figure]:
+    """The whole benchmark on uint8 images (B, 3, H, W): JSON-ready report (with the targets), Markdown and figure.
+
+    ``teacher`` carries the implant (``teacher.config.implant``); the clean ground truth is the same model built
+    without it. ``student`` is the distilled student. ``n_views`` views denoise the clean reference and
+    ``target_views`` (default ``n_views``) the teacher's target; ``tta`` (``shift_frac``, ``flip_prob``,
+    ``pool_factor``, ...) are the teacher-denoising settings. Keep ``n_views`` fixed across an ablation of
+    ``target_views``, so that every arm is measured against the same reference.
+    ``probes``: linear-probe results ``{source: {"<benchmark>/<metric>": value}}`` merged into the report.
+    """
+    from .models import clean_copy
+
+    if getattr(teacher.config, "implant", None) is None:
+        raise ValueError("the planted-artifact benchmark needs a teacher with an implant (backbone.implant)")
+    device = next(teacher.parameters()).device
+    clean = clean_copy(teacher)
+    images = normalize(pixels, teacher.mean, teacher.std)
+    features, reference = benchmark_features({"student": student}, clean, teacher, images, seed=seed,
+                                             n_views=n_views, target_views=target_views, batch_size=batch_size,
+                                             **tta)
+    planted = teacher.planted_mask(images.to(device)).cpu()
+    report = artifact_benchmark(features, reference, planted, k=k, low_cosine=low_cosine)
+    if probes:
+        add_probe_results(report, {name: values for name, values in probes.items() if name in report["sources"]})
+    report["implant"] = dict(teacher.config.implant)
+    report["targets"] = check_targets(report)
+    figure = benchmark_figure(pixels, {name: features[name] for name in ("teacher", "target", "student")}, planted,
+                              reference, max_images=figure_images)
+    return report, benchmark_markdown(report, report["targets"]), figure

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .datasets import DenseDataset, build_dataset
-from .models import BackboneConfig, build_backbone
+from .models import BackboneConfig, build_backbone, clean_copy
 from .zeroshot import (ZeroShotSettings, backbone_head, build_text_encoder, class_palette, load_class_file,
                        make_dense_fn, model_dense_fn, parse_class_lines, text_embeddings, zero_shot_figure,
                        zero_shot_maps)
@@ -128,9 +128,13 @@ DEPTH_COLUMNS = ("RMSE", "AbsRel", "delta1")
 
 
 def probe_models(student: nn.Module, base: BackboneConfig, teacher_head: str) -> dict[str, nn.Module]:
-    """The models whose frozen features are probed: the base model with ``teacher_head`` and the student."""
+    """The models whose frozen features are probed: the base model with ``teacher_head`` and the student; with a
+    planted-artifact implant (``base.implant``) also ``clean``, the same base model without it (the ground truth)."""
     teacher = build_backbone(BackboneConfig.from_dict({**base.to_dict(), "head": teacher_head, "num_registers": 0}))
-    return {"teacher": teacher.eval(), "student": student.eval()}
+    models = {"teacher": teacher.eval(), "student": student.eval()}
+    if base.implant is not None:
+        models["clean"] = clean_copy(teacher)
+    return models
 
 
 def probe_feature_streams(models: Mapping[str, nn.Module], tasks: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -159,8 +163,9 @@ def probe_feature_streams(models: Mapping[str, nn.Module], tasks: Mapping[str, M
 
 
 def run_probes(stores: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Mapping[str, Any]]],
-               seed: int) -> dict[str, dict[str, float]]:
-    """Train and evaluate every probe from the feature stores: ``{model: {"<benchmark>/<metric>": value}}``."""
+               seed: int, curves: dict[str, list[float]] | None = None) -> dict[str, dict[str, float]]:
+    """Train and evaluate every probe from the feature stores: ``{model: {"<benchmark>/<metric>": value}}``.
+    ``curves``, when given, receives the training loss per iteration under ``"<model>/<task>/<benchmark>"``."""
     from .probes import (eigen_crop_mask, evaluate_depth_probe, evaluate_segmentation_probe, train_depth_probe,
                          train_segmentation_probe)
     from .utils import derive_seed
@@ -175,11 +180,12 @@ def run_probes(stores: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Mappi
                 train = stores[f"{model_name}/{task}/{name}/train"]
                 val = stores[f"{model_name}/{task}/{name}/val"]
                 probe_seed = derive_seed(seed, "probe", task, name)  # the same for every model: a fair comparison
+                history = None if curves is None else curves.setdefault(f"{model_name}/{task}/{name}", [])
                 if task == "segmentation":
-                    probe = train_segmentation_probe(train, spec.get("probe", {}), probe_seed)
+                    probe = train_segmentation_probe(train, spec.get("probe", {}), probe_seed, history)
                     scores = evaluate_segmentation_probe(probe, val)
                 else:
-                    probe = train_depth_probe(train, spec.get("probe", {}), probe_seed)
+                    probe = train_depth_probe(train, spec.get("probe", {}), probe_seed, history)
                     scores = evaluate_depth_probe(probe, val, mask_fn=eigen_crop_mask if spec.get("eigen_crop")
                                                   else None, flip_tta=spec.get("flip_tta", False))
                 row.update({f"{name}/{metric}": round(float(value), 4) for metric, value in scores.items()})

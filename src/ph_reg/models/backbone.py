@@ -512,6 +512,14 @@ def build_backbone(config: BackboneConfig | Mapping[str, Any]) -> DenseViT:
         return TimmDenseViT(config, _build_timm(config))
 
 
+def clean_copy(model: DenseViT) -> DenseViT:
+    """The same model (same weights, head and registers) without its artifact implant: the clean ground truth of a
+    planted-artifact benchmark. Eval mode, on the device of ``model``."""
+    clean = build_backbone(BackboneConfig.from_dict({**model.config.to_dict(), "implant": None}))
+    clean.load_state_dict(model.state_dict())  # the implant has no state, so the dicts match
+    return clean.to(next(model.parameters()).device).eval()
+
+
 def build_open_clip_model(config: BackboneConfig | Mapping[str, Any]) -> nn.Module:
     """The full open_clip CLIP model (vision and text towers) behind ``build_backbone(config)``, frozen, in eval
     mode: created by the same seeded call, so its ``visual`` has the same weights as the DenseViT's tower (before

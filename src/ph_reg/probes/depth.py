@@ -192,8 +192,9 @@ def warmup_cosine_lambda(iterations: int, warmup_iters: int, start_factor: float
 
 # --- training and evaluation ----------------------------------------------------------------------------------
 def train_depth_probe(train_store: ShardReader, config: DepthProbeConfig | Mapping[str, Any] | None = None,
-                      seed: int = 0) -> LinearDepthProbe:
-    """Train a linear depth probe on a train feature cache; returns it in eval mode on the config's device."""
+                      seed: int = 0, history: list[float] | None = None) -> LinearDepthProbe:
+    """Train a linear depth probe on a train feature cache; returns it in eval mode on the config's device.
+    ``history``, when given, receives the training loss of every iteration."""
     config = DepthProbeConfig.from_dict(config)
     check_store(train_store, "train", ("patch", "cls", "depth"))
     device = resolve_device(config.device)
@@ -209,6 +210,7 @@ def train_depth_probe(train_store: ShardReader, config: DepthProbeConfig | Mappi
     batches = iter_train_batches(train_store, config.batch_size, generator(seed, "depth_probe_batches"),
                                  ("patch", "cls", "depth"))
     probe.train()
+    losses = []
     for it in range(config.iterations):
         batch = next(batches)
         target = batch["depth"].to(device)
@@ -221,6 +223,9 @@ def train_depth_probe(train_store: ShardReader, config: DepthProbeConfig | Mappi
         loss.backward()
         optimizer.step()
         schedule.step()
+        losses.append(loss.detach())
+    if history is not None and losses:
+        history.extend(torch.stack(losses).float().cpu().tolist())  # one device sync, after training
     return probe.eval()
 
 

@@ -112,10 +112,11 @@ def _probe_device(probe: nn.Module) -> torch.device:
 
 
 def train_segmentation_probe(train_store: ShardReader, config: SegmentationProbeConfig | Mapping[str, Any] | None = None,
-                             seed: int = 0) -> LinearSegmentationProbe:
+                             seed: int = 0, history: list[float] | None = None) -> LinearSegmentationProbe:
     """Train a linear segmentation probe on a train feature cache; returns it in eval mode on the config's device.
 
-    Initialisation and batch order are seeded from ``seed``.
+    Initialisation and batch order are seeded from ``seed``. ``history``, when given, receives the training loss of
+    every iteration.
     """
     config = SegmentationProbeConfig.from_dict(config)
     check_store(train_store, "train", ("patch", "label"))
@@ -132,6 +133,7 @@ def train_segmentation_probe(train_store: ShardReader, config: SegmentationProbe
     batches = iter_train_batches(train_store, config.batch_size, generator(seed, "segmentation_probe_batches"),
                                  ("patch", "label"))
     probe.train()
+    losses = []
     for _ in range(config.iterations):
         batch = next(batches)
         patch, label = batch["patch"].to(device), batch["label"].to(device)
@@ -142,6 +144,9 @@ def train_segmentation_probe(train_store: ShardReader, config: SegmentationProbe
         loss.backward()
         optimizer.step()
         schedule.step()
+        losses.append(loss.detach())
+    if history is not None and losses:
+        history.extend(torch.stack(losses).float().cpu().tolist())  # one device sync, after training
     return probe.eval()
 
 

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 # torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
 # pipelines is fast
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
     from ph_reg.io import RecordStream, ShardReader
@@ -37,9 +38,50 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     backbone = student_config["backbone"]
     random_weights = not backbone.get("pretrained") and not backbone.get("checkpoint")
     report["random_weights"] = random_weights
+    report["implant"] = backbone.get("implant")
     report["backbone"] = {"arch": backbone["arch"], "pretrained": backbone.get("pretrained"),
                           "checkpoint": backbone.get("checkpoint"), "img_size": backbone["img_size"]}
     return report, figure, markdown_report(report)
+
+
+def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, torch.Tensor],
+                               student_config: dict[str, Any], probe_metrics: dict[str, Any], params: dict[str, Any],
+                               denoising: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, Figure]:
+    """The planted-artifact benchmark (ground truth known): clean model, implanted teacher, target and student."""
+    import torch
+
+    from ph_reg.artifact_benchmark import planted_artifact_evaluation
+    from ph_reg.models import BackboneConfig, build_backbone
+    from ph_reg.utils import resolve_device
+
+    title = "# Planted-artifact benchmark (ground truth)\n\n"
+    teacher_config = BackboneConfig.from_dict(student_config["teacher"])
+    if teacher_config.implant is None:
+        reason = "the backbone has no implant (backbone.implant is null), so no artifact is known"
+        return {"skipped": reason}, f"{title}Skipped: {reason}.\n", _message_figure(reason)
+    settings = params["planted"]
+    device = resolve_device(params["device"])
+    teacher = build_backbone(teacher_config).to(device).eval()
+    student, _ = load_evaluated_student(student_weights, student_config, device)
+    indices = sorted(images.indices(split=params["split"]), key=lambda i: (images.meta(i)["crop"], i))
+    if settings["max_images"] is not None:
+        indices = indices[:settings["max_images"]]
+    if not indices:
+        raise ValueError(f"evaluation.planted: no images in split {params['split']!r}")
+    pixels = torch.stack([images[i]["image"] for i in indices])
+    tta = denoising["tta"]
+    report, markdown, figure = planted_artifact_evaluation(
+        teacher, student, pixels, seed, n_views=settings["reference_views"], target_views=tta["n_views"],
+        k=params["outlier_k"], low_cosine=settings["low_cosine"], batch_size=denoising["batch_size"],
+        figure_images=params["figure_images"],
+        probes=probe_metrics.get("results"), shift_frac=tta["shift_frac"], flip_prob=tta["flip_prob"],
+        pool_factor=tta["pool_factor"], max_images_per_forward=denoising["max_images_per_forward"])
+    header = (f"{title}The teacher carries a planted-artifact implant (`backbone.implant`, see the README); the clean "
+              "model is the same network without it, so the artifact tokens and the clean features are known "
+              f"exactly. The reference (clean_tta) is the clean model denoised with {settings['reference_views']} "
+              f"TTA views (the teacher's TTA settings); the target uses teacher_denoising's {tta['n_views']} "
+              "view(s).\n\n")
+    return report, header + markdown, figure
 
 
 def load_evaluated_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any], device):
@@ -128,20 +170,29 @@ def cache_probe_features(student_weights: dict[str, torch.Tensor], student_confi
 
 
 def evaluate_probes(features: dict[str, ShardReader], student_config: dict[str, Any], params: dict[str, Any],
-                    seed: int) -> tuple[dict[str, Any], str]:
-    """Train the linear probes from the cache and report them in the paper's Table 2 format."""
+                    seed: int) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
+    """Train the linear probes from the cache and report them in the paper's Table 2 format, with the training
+    curves (one CSV per ``<task>-<benchmark>-<model>``: iteration, loss)."""
+    import pandas as pd
+
     from ph_reg.dense_eval import run_probes, table2
     from ph_reg.models import BackboneConfig
 
     settings = params["probes"]
-    results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed)
+    curves: dict[str, list[float]] = {}
+    results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed, curves=curves)
+    curve_frames = {}
+    for key, losses in curves.items():
+        model, task, benchmark = key.split("/")
+        curve_frames[f"{task}-{benchmark}-{model}"] = pd.DataFrame({"iteration": range(1, len(losses) + 1),
+                                                                    "loss": losses})
     table, markdown = table2(results, settings.get("published"))
     base = BackboneConfig.from_dict(student_config["teacher"])
     header = (f"# Linear probes (Table 2 format)\n\nteacher = the base model with the `{settings['teacher_head']}` "
               f"head; student = the distilled PH-Reg student.\n\n")
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
-    return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown
+    return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown, curve_frames
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -149,6 +200,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = ["# PH-Reg artifact diagnostics", ""]
     if report["random_weights"]:
         lines += [f"**{RANDOM_WEIGHTS_WARNING}**", ""]
+    if report.get("implant"):
+        lines += ["The teacher carries **planted artifacts** (`backbone.implant`). The final normalisation equalises "
+                  "token norms, so the norms below barely show them; planted_artifacts.md measures them against the "
+                  "known mask and the clean model.", ""]
     b = report["backbone"]
     lines += [f"Backbone `{b['arch']}` at {b['img_size']} px, pretrained `{b['pretrained']}`, checkpoint "
               f"`{b['checkpoint']}`; {report['images']} held-out images; outliers: robust z of the token norm > "

@@ -1,6 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import cache_probe_features, evaluate_artifacts, evaluate_probes, evaluate_zero_shot_table
+from .nodes import (cache_probe_features, evaluate_artifacts, evaluate_planted_artifacts, evaluate_probes,
+                    evaluate_zero_shot_table)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -27,8 +28,15 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 evaluate_probes,
                 ["probe_features", "student_config", "params:evaluation", "params:seed"],
-                ["probe_metrics", "probe_report"],
+                ["probe_metrics", "probe_report", "probe_curves"],
                 name="evaluate_probes",
+            ),
+            node(
+                evaluate_planted_artifacts,
+                ["prepared_images", "student_weights", "student_config", "probe_metrics", "params:evaluation",
+                 "params:teacher_denoising", "params:seed"],
+                ["planted_artifact_metrics", "planted_artifact_report", "planted_artifact_figure"],
+                name="evaluate_planted_artifacts",
             ),
         ]
     )
