@@ -79,8 +79,7 @@ def crops(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def probe_results(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Synthetic segmentation and depth probes on the frozen features of every model."""
-    from ph_reg.dense_eval import probe_feature_streams, run_probes
-    from ph_reg.io import ShardReader, write_stream
+    from ph_reg.dense_eval import probe_feature_streams, run_probes, write_probe_stores
 
     size = args.img_size
     spec = lambda split, n: {"type": "synthetic", "num_images": n, "image_size": size, "seed": 0, "split": split}
@@ -90,12 +89,7 @@ def probe_results(models: dict[str, torch.nn.Module], args: argparse.Namespace) 
     tasks = {"segmentation": {"synthetic": task}, "depth": {"synthetic": {**task, "flip_tta": True}}}
     streams = probe_feature_streams(models, tasks, args.seed, feature_dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
-        stores = {}
-        for key, stream in streams.items():
-            folder = Path(tmp) / key.replace("/", "__")
-            write_stream(folder, stream)
-            stores[key] = ShardReader(folder)
-        return run_probes(stores, tasks, args.seed)
+        return run_probes(write_probe_stores(streams, tmp), tasks, args.seed)
 
 
 def main() -> None:

@@ -8,14 +8,12 @@ features, which probe lower than MaskCLIP-head features on these random weights.
 import os
 import statistics
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-from ph_reg.dense_eval import probe_feature_streams, run_probes  # noqa: E402
-from ph_reg.io import ShardReader, write_stream  # noqa: E402
+from ph_reg.dense_eval import probe_feature_streams, run_probes, write_probe_stores  # noqa: E402
 from ph_reg.models import BackboneConfig, build_backbone, clean_copy  # noqa: E402
 
 params = yaml.safe_load(open("conf/base/parameters.yml"))["backbone"]
@@ -29,11 +27,7 @@ for head in ("naclip", "maskclip"):
     models[f"clean_{head}"] = clean_copy(teacher)
 streams = probe_feature_streams(models, tasks, 0, feature_dtype="float16")
 with tempfile.TemporaryDirectory() as tmp:
-    stores = {}
-    for key, stream in streams.items():
-        folder = Path(tmp) / key.replace("/", "__")
-        write_stream(folder, stream)
-        stores[key] = ShardReader(folder)
+    stores = write_probe_stores(streams, tmp)
     rows = {}
     for seed in range(2):
         for model, r in run_probes(stores, tasks, seed).items():

@@ -8,6 +8,7 @@ student itself.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,6 +161,19 @@ def probe_feature_streams(models: Mapping[str, nn.Module], tasks: Mapping[str, M
                     model, build_dataset(spec["val"]), split_kind="val", stride=spec["stride"],
                     flip=task == "depth" and spec.get("flip_tta", False), **common)
     return streams
+
+
+def write_probe_stores(streams: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """Write the lazy feature stores of :func:`probe_feature_streams` under ``folder`` (one sub-folder per key)
+    and return them as ``{key: ShardReader}``, ready for :func:`run_probes` (the pipeline's catalog does the same)."""
+    from .io import ShardReader, write_stream
+
+    stores = {}
+    for key, stream in streams.items():
+        target = Path(folder) / key
+        write_stream(target, stream)
+        stores[key] = ShardReader(target)
+    return stores
 
 
 def run_probes(stores: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Mapping[str, Any]]],
