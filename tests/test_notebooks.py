@@ -106,8 +106,11 @@ def test_artifact_analysis_notebook(tiny_run, tmp_path):
     assert "does not match the features recomputed here" not in text
     assert f"{len(val)} held-out images, a 4 x 4 patch grid" in text
     assert "random weights" in text
-    # norm histogram, norm heatmaps, PCA/UMAP maps, cosine-to-centre maps, cosine-to-target histogram
-    assert figures == 5
+    # the tiny run inherits the base implant: section 5 shows the planted-artifact metrics and targets
+    assert "The teacher carries planted artifacts" in text and "teacher planted rate" in text
+    # norm histogram, norm heatmaps, PCA/UMAP maps, cosine-to-centre maps, cosine-to-target histogram,
+    # cosine to clean by region (planted artifacts)
+    assert figures == 6
 
 
 def test_training_curves_notebook_without_a_sweep(tiny_run, tmp_path):
