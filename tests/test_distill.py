@@ -84,6 +84,19 @@ def _load(model, state):
                 v.copy_(state[k])
 
 
+def _copies(seed: int = 0):
+    """A factory of TinyDense models that all start from the same seeded initial weights."""
+    torch.manual_seed(seed)
+    init = _state(TinyDense())
+
+    def fresh():
+        model = TinyDense()
+        _load(model, init)
+        return model
+
+    return fresh
+
+
 def test_param_groups_split_decay():
     groups = parameter_groups(TinyDense(), 0.01)
     assert [len(g["params"]) for g in groups] == [1, 2]  # proj.weight | proj.bias, registers
@@ -109,13 +122,7 @@ def test_training_reduces_loss_and_skips_nonfinite(tmp_path):
 
 def test_resume_is_bit_identical(tmp_path):
     config = DistillConfig(epochs=4, batch_size=2, lr=1e-2, lr_end=1e-3, checkpoint_every=2)
-    torch.manual_seed(0)
-    init = _state(TinyDense())
-
-    def fresh():
-        model = TinyDense()
-        _load(model, init)
-        return model
+    fresh = _copies()
 
     full = fresh()
     history_full = distill(full, _dataset(), config, seed=3, checkpoint_dir=tmp_path / "a", state_fn=_state,

@@ -36,7 +36,7 @@ from kedro.io import DatasetError
 from ph_reg.pipelines.datasets import ShardStoreDataset
 from ph_reg.pipelines.data_preparation.nodes import prepare_images
 from ph_reg.pipelines.teacher_denoising.nodes import denoise_teacher
-from test_distill import TinyDense, _dataset, _load, _state
+from test_distill import TinyDense, _copies, _dataset, _load, _state
 
 TINY_CLIP = {"arch": "open_clip:ph-reg-tiny-ViT-16", "img_size": 64}
 TINY_TIMM = {"arch": "timm:test_vit", "img_size": 32}
@@ -480,13 +480,7 @@ class SignalAt(torch.utils.data.Dataset):
 def test_sigterm_mid_epoch_checkpoints_and_resume_matches(tmp_path):
     config = DistillConfig(epochs=3, batch_size=2, accumulate_grad_batches=2, lr=1e-2, lr_end=1e-3,
                            checkpoint_every=3)
-    torch.manual_seed(0)
-    init = _state(TinyDense())
-
-    def fresh():
-        model = TinyDense()
-        _load(model, init)
-        return model
+    fresh = _copies()
 
     full = fresh()
     expected = distill(full, _dataset(8, poison=5), config, seed=1, state_fn=_state, progress=False)
