@@ -218,8 +218,8 @@ def test_coco_stuff_and_object(tmp_path: Path) -> None:
     assert obj.class_names[-1] == "toothbrush" and stuff.class_names[80] == "banner"
     grid = lambda v: torch.from_numpy(np.resize(np.asarray(v), H * W).reshape(H, W))  # noqa: E731
     assert torch.equal(stuff[0].label, grid(COCO_TRAIN_IDS))
-    # things 0..79 -> 1..80, stuff 80..170 -> 0 (background), 255 stays ignore
-    assert torch.equal(obj[0].label, grid([1, 80, 0, 0, 255, 13]))
+    # things 0..79 -> 1..80, stuff 80..170 and the unlabelled 255 -> 0 (background; NACLIP's cvt_coco_object.py)
+    assert torch.equal(obj[0].label, grid([1, 80, 0, 0, 0, 13]))
     assert [s.name for s in obj] == ["000000000139", "000000000285"]
 
 

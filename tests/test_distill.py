@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ph_reg.models import DenseOutput
-from ph_reg.distill import (DistillConfig, distill, distillation_loss, exponential_lr, lr_during_epoch,
-                            parameter_groups)
+from ph_reg.distill import DistillConfig, distill, distillation_loss, lr_after_step, parameter_groups
 
 
 def test_loss_matches_formula():
@@ -26,13 +25,11 @@ def test_loss_matches_formula():
 def test_schedule_matches_formula():
     lr, lr_end, epochs = 3e-4, 1e-5, 100
     for e in (0, 9, 50, 99):
-        assert exponential_lr(e, lr, lr_end, epochs) == pytest.approx(lr * (lr_end / lr) ** ((e + 1) / epochs))
-    assert exponential_lr(99, lr, lr_end, epochs) == pytest.approx(lr_end)
-    assert exponential_lr(150, lr, lr_end, epochs) == pytest.approx(lr_end)  # floored
-    assert lr_during_epoch(0, lr, lr_end, epochs) == lr
-    assert lr_during_epoch(10, lr, lr_end, epochs) == exponential_lr(9, lr, lr_end, epochs)
+        assert lr_after_step(e, lr, lr_end, epochs) == pytest.approx(lr * (lr_end / lr) ** ((e + 1) / epochs))
+    assert lr_after_step(99, lr, lr_end, epochs) == pytest.approx(lr_end)
+    assert lr_after_step(150, lr, lr_end, epochs) == pytest.approx(lr_end)  # floored
     with pytest.raises(ValueError):
-        exponential_lr(0, lr, 0.0, epochs)
+        lr_after_step(0, lr, 0.0, epochs)
 
 
 class TinyDense(nn.Module):
@@ -98,9 +95,11 @@ def _copies(seed: int = 0):
 
 
 def test_param_groups_split_decay():
-    groups = parameter_groups(TinyDense(), 0.01)
+    groups = parameter_groups(TinyDense(), 0.01, exempt="tokens_biases_norms")
     assert [len(g["params"]) for g in groups] == [1, 2]  # proj.weight | proj.bias, registers
     assert groups[1]["weight_decay"] == 0.0
+    groups = parameter_groups(TinyDense(), 0.01)  # the release: every trainable parameter decays
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(3, 0.01)]
     frozen = TinyDense().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         parameter_groups(frozen, 0.01)
@@ -115,7 +114,7 @@ def test_training_reduces_loss_and_skips_nonfinite(tmp_path):
     assert [row["skipped_batches"] for row in history] == [1, 1, 1]
     assert all(math.isfinite(row["loss"]) for row in history)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert history[1]["lr"] == pytest.approx(exponential_lr(0, 1e-2, 1e-3, 3))
+    assert history[1]["lr"] == pytest.approx(lr_after_step(1, 1e-2, 1e-3, 3))  # the rate set after its steps
     assert not model.frozen.weight.requires_grad
     assert (tmp_path / "last.ckpt").is_file()
 

@@ -37,8 +37,8 @@ def test_segmentation_metrics_predicted_only_class_and_accumulation():
     out = metrics.compute()
     # IoU 2/3, 2/5, 0, 0 (class 3 counts with IoU 0), class 4 left out
     assert out["mIoU"].item() == pytest.approx((2 / 3 + 2 / 5) / 4, abs=1e-6)
-    # recall 2/3, 2/3, 0, and class 3 (0/0) counts as 0 in torchmetrics (mmseg's nanmean would give 4/9)
-    assert out["mAcc"].item() == pytest.approx((2 / 3 + 2 / 3) / 4, abs=1e-6)
+    # recall 2/3, 2/3, 0; class 3 (predicted, absent from the target: 0/0) is left out, as in mmseg's nanmean
+    assert out["mAcc"].item() == pytest.approx((2 / 3 + 2 / 3 + 0) / 3, abs=1e-6)
 
 
 def test_segmentation_metrics_rejects_bad_num_classes():

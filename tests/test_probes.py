@@ -193,8 +193,8 @@ def test_feature_records_rejects_bad_input():
     good = DenseSample(torch.zeros(3, 16, 16, dtype=torch.uint8), torch.zeros(16, 16, dtype=torch.int64), None, "a")
     with pytest.raises(ValueError, match="crop_size"):
         feature_records(model, ListDataset([good]), 18, 8, "val")
-    with pytest.raises(ValueError, match="stride"):
-        feature_records(model, ListDataset([good]), 16, None, "val")
+    with pytest.raises(ValueError, match="stride"):  # stride None is the whole-image val mode (test_repro_depth.py)
+        feature_records(model, ListDataset([good]), 16, 17, "val")
     with pytest.raises(ValueError, match="split_kind"):
         feature_records(model, ListDataset([good]), 16, 8, "test")
     with pytest.raises(ValueError, match="flip"):
@@ -270,7 +270,9 @@ def test_depth_probe_fits_linear_depth(tmp_path):
     write_shards(tmp_path / "train", feature_records(model, train, 16, None, "train"), records_per_shard=8)
     write_shards(tmp_path / "val", feature_records(model, val, 16, 8, "val", flip=True), records_per_shard=2)
     train_store, val_store = ShardReader(tmp_path / "train"), ShardReader(tmp_path / "val")
-    config = DepthProbeConfig(iterations=300, lr=0.2, upsample=1, sigloss_warmup_iters=10, device="cpu")
+    # the fitting machinery, with our BatchNorm option (the paper head has none) and a short warm-up for 300 iterations
+    config = DepthProbeConfig(iterations=300, lr=0.2, upsample=1, sigloss_warmup_iters=10, warmup_iters=10,
+                              batch_norm=True, device="cpu")
     history = []
     probe = train_depth_probe(train_store, config, seed=0, history=history)
     assert not probe.training

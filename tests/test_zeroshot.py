@@ -120,11 +120,11 @@ def test_constant_features_give_constant_logits():
                          [((50, 77), 32, 20, 1), ((40, 50), 64, 64, 16), ((70, 33), 48, 16, 16)])
 def test_overlapping_windows_are_placed_and_averaged_exactly(size, crop, stride, pad):
     """With per-pixel features the averaged window logits equal the logits of the whole image; padding of crops
-    smaller than a multiple of ``pad`` is cut off again."""
+    smaller than a multiple of ``pad`` is cut off again (the ``small_window="pad"`` option)."""
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     text = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     logits = sliding_window_logits(pixels_as_features, image, text, crop=crop, stride=stride, batch_size=3,
-                                   pad_multiple=pad)
+                                   patch_size=pad, small_window="pad")
     expected = torch.einsum("qc,chw->qhw", F.normalize(text, dim=-1), F.normalize(image[0], dim=0))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
 

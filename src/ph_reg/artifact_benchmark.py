@@ -39,9 +39,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .denoise import TTADenoiser
+from .denoise import TTADenoiser, image_generators
 from .diagnostics import cosine_map, patch_norms, robust_outlier_mask
-from .utils import autocast_dtype, generator, normalize
+from .utils import autocast_dtype, normalize
 
 __all__ = [
     "SourceFeatures",
@@ -91,9 +91,9 @@ def dense_tokens(model: torch.nn.Module, images: Tensor, pre_norm: bool = False,
 @torch.no_grad()
 def tta_tokens(model: torch.nn.Module, images: Tensor, seed: int, n_views: int = 10, pre_norm: bool = False,
                batch_size: int = 4, max_images_per_forward: int = 20, **tta: Any) -> Tensor:
-    """TTA-denoised (B, h, w, C) float32 CPU tokens. The views of images ``i..j`` come from
-    ``generator(seed, "tta", 0, i, ..., j)``, the key of the teacher-denoising stage, so that with the same batching
-    and seed the dense output equals the cached target. ``tta``: ``shift_frac``, ``flip_prob``, ``pool_factor``."""
+    """TTA-denoised (B, h, w, C) float32 CPU tokens. Image ``i`` draws its views from ``generator(seed, "tta", 0,
+    i)`` (``image_generators``), the key of the teacher-denoising stage, so that with the same seed the dense output
+    equals the cached target. ``tta``: ``shift_frac``, ``flip_prob``, ``pool_factor``."""
     device = next(model.parameters()).device
     model.eval()
     denoiser = TTADenoiser(lambda x: model.forward_tokens(x, pre_norm=pre_norm).patch, model.patch_size,
@@ -103,7 +103,7 @@ def tta_tokens(model: torch.nn.Module, images: Tensor, seed: int, n_views: int =
     for start in range(0, images.shape[0], batch_size):
         indices = list(range(start, min(start + batch_size, images.shape[0])))
         with _autocast(device):
-            out.append(denoiser(images[indices].to(device), generator(seed, "tta", 0, *indices)).float().cpu())
+            out.append(denoiser(images[indices].to(device), image_generators(seed, 0, indices)).float().cpu())
     return torch.cat(out)
 
 

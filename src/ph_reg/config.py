@@ -22,8 +22,8 @@ import torch
 
 from .data import BUILTIN_SOURCE, DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR_POLICIES, PreparationConfig
 from .distill import TARGET_MODES, DistillConfig
-from .models.backbone import (DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, BackboneConfig, DenseViT, OpenClipDenseViT,
-                              TimmDenseViT)
+from .models.backbone import (DEFAULT_POS_EMBED_INTERP, DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, POS_EMBED_INTERP,
+                              BackboneConfig, DenseViT, OpenClipDenseViT, TimmDenseViT, timm_kwargs)
 from .targets import DTYPES
 
 SPLITS = ("train", "val")
@@ -189,8 +189,7 @@ def meta_backbone(config: BackboneConfig) -> DenseViT | None:
             return OpenClipDenseViT(shape_only, model.visual)
         import timm
 
-        vit = timm.create_model(config.model_name, pretrained=False, img_size=config.img_size, dynamic_img_size=True,
-                                **dict(config.model_kwargs))
+        vit = timm.create_model(config.model_name, pretrained=False, **timm_kwargs(config))
         return TimmDenseViT(shape_only, vit)
 
 
@@ -203,9 +202,11 @@ def check_resolution(key: str, size: Any, patch: int | None, arch: str) -> None:
 
 
 def backbone_params(backbone: Mapping[str, Any], head: Any = "default", num_registers: Any = 0,
-                    head_key: str = "head", registers_key: str = "num_registers") -> BackboneConfig:
-    """Validate the ``backbone`` section with a head and a register count from another section."""
-    known = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("head", "num_registers")]
+                    head_key: str = "head", registers_key: str = "num_registers",
+                    student: bool = False) -> BackboneConfig:
+    """Validate the ``backbone`` section with a head and a register count from another section; ``student``: the
+    config is the distilled student's (``BackboneConfig.student``), else a frozen model's."""
+    known = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("head", "num_registers", "student")]
     _known_keys("backbone", backbone, known)
     family, name = _check_arch(backbone.get("arch"))
     if head not in HEADS[family]:
@@ -220,8 +221,9 @@ def backbone_params(backbone: Mapping[str, Any], head: Any = "default", num_regi
             raise FileNotFoundError(f"invalid parameter backbone.checkpoint: got {checkpoint!r}, which is not an "
                                     f"existing file; allowed: null, or the path of a local weights file")
     _int("backbone.init_seed", backbone.get("init_seed", 0), 0)
+    _choice("backbone.pos_embed_interp", backbone.get("pos_embed_interp", DEFAULT_POS_EMBED_INTERP), POS_EMBED_INTERP)
     size = backbone.get("img_size", 224)
-    config = BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers})
+    config = BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers, "student": student})
     check_resolution("backbone.img_size", size, patch_size(config), config.arch)
     return config
 
@@ -345,6 +347,7 @@ class StudentDistillationParams:
     train_split: str = "train"
     targets: str = "cached"
     checkpoint_dir: str | None = None
+    snapshot_dir: str | None = None   # the epoch snapshots of training.snapshot_every / snapshot_epochs (null: none)
     training: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
@@ -362,12 +365,16 @@ class StudentDistillationParams:
         checkpoint_dir = get("checkpoint_dir")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise ConfigError(f"{section}.checkpoint_dir", checkpoint_dir, "null or a folder path")
+        snapshot_dir = get("snapshot_dir")
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise ConfigError(f"{section}.snapshot_dir", snapshot_dir, "null or a folder path")
         return cls(head=get("head"),
                    num_registers=_int(f"{section}.num_registers", get("num_registers"), 0),
                    trainable=tuple(trainable),
                    train_split=_choice(f"{section}.train_split", get("train_split"), SPLITS),
                    targets=_choice(f"{section}.targets", get("targets"), TARGET_MODES),
                    checkpoint_dir=checkpoint_dir,
+                   snapshot_dir=snapshot_dir,
                    training=DistillConfig.from_dict(dict(values.get("training", {})), f"{section}.training"))
 
 
@@ -390,7 +397,7 @@ def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str
     """Validate ``student_distillation``, the student's backbone (head, registers) and its trainable groups."""
     params = StudentDistillationParams.from_dict(values)
     config = backbone_params(backbone, params.head, params.num_registers, head_key="student_distillation.head",
-                             registers_key="student_distillation.num_registers")
+                             registers_key="student_distillation.num_registers", student=True)
     check_trainable(config, params.trainable)
     return config, params
 
@@ -403,13 +410,25 @@ PIPELINE_SECTIONS = {
 }
 
 
+def check_student_snapshot(epoch: Any, params: StudentDistillationParams,
+                           key: str = "evaluation.student_snapshot") -> int:
+    """``evaluation.student_snapshot`` must name an epoch that the training keeps a snapshot of (checked before
+    training starts, so a 100-epoch run never ends without the snapshot its evaluation needs)."""
+    kept = params.training.snapshot_epoch_numbers() if params.snapshot_dir is not None else []
+    if not _is_int(epoch) or epoch not in kept:
+        raise ConfigError(key, epoch, f"null (the final student) or an epoch the training keeps a snapshot of: {kept} "
+                                      f"(student_distillation.training.snapshot_every, snapshot_epochs and epochs; "
+                                      f"student_distillation.snapshot_dir)")
+    return epoch
+
+
 def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | None = None) -> dict[str, Any]:
     """Check the training sections of a run's parameters (``data_preparation``, ``teacher_denoising``,
     ``student_distillation``, each with ``backbone``) before anything runs; return the typed sections.
 
     ``sections`` limits the check to those sections (default: every one present; see ``PIPELINE_SECTIONS``). Also
-    checks what ties the sections together: the crop size is a multiple of the patch size, and cached student
-    targets need a cached teacher.
+    checks what ties the sections together: the crop size is a multiple of the patch size, cached student
+    targets need a cached teacher, and ``evaluation.student_snapshot`` names a snapshot the training keeps.
     """
     wanted = [name for name in (sections if sections is not None else params) if name in params]
     backbone = params.get("backbone")
@@ -427,6 +446,9 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
         if teacher is not None and distill_params.targets == "cached" and teacher.mode != "cached":
             raise ConfigError("student_distillation.targets", distill_params.targets,
                               f"'online' while teacher_denoising.mode is {teacher.mode!r} (or set both to 'cached')")
+        evaluation = params.get("evaluation")
+        if isinstance(evaluation, Mapping) and evaluation.get("student_snapshot") is not None:
+            check_student_snapshot(evaluation["student_snapshot"], distill_params)
     if "data_preparation" in result:
         config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
         check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
@@ -31,7 +31,10 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .io import Interrupted, WriteError, atomic_path, stop_on_signals
-from .utils import autocast_dtype, derive_seed, generator, normalize
+from .utils import autocast_dtype, derive_seed, normalize
+
+if TYPE_CHECKING:
+    from .student import StudentSnapshots
 
 CHECKPOINT_NAME = "last.ckpt"
 TARGET_MODES = ("cached", "online")
@@ -62,34 +65,48 @@ def distillation_loss(student: torch.Tensor, target: torch.Tensor, mse_weight: f
     return loss, {"cosine": cosine_term.item(), "mse": mse_term.item()}
 
 
-def exponential_lr(epoch: int, lr: float, lr_end: float, epochs: int) -> float:
-    """The learning rate set after ``epoch`` (0-based) ends: ``lr * (lr_end / lr) ** ((epoch + 1) / epochs)``,
-    floored at ``lr_end``. Epoch 0 trains at ``lr``; epoch ``e > 0`` trains at ``exponential_lr(e - 1, ...)``."""
+def lr_after_step(epoch: int, lr: float, lr_end: float, epochs: int) -> float:
+    """The learning rate the release sets after every optimizer step of ``epoch`` (0-based, of ``epochs``):
+    ``max(lr * (lr_end / lr) ** ((epoch + 1) / epochs), lr_end)`` (0raiser0/PH-Reg ``DINOv2_full/distill_main.py``).
+
+    The very first optimizer step of a run uses ``lr``; every later step uses the value set after the step before
+    it. So all but the first step of epoch ``e`` run at ``lr_after_step(e)``, the first step of an epoch ``e > 0``
+    at ``lr_after_step(e - 1)``, and the last epoch at ``lr_end`` (after its first step).
+    """
     if epochs < 1 or lr <= 0 or lr_end <= 0:
         raise ValueError(f"need epochs >= 1 and positive lr, lr_end; got {epochs}, {lr}, {lr_end}")
     return max(lr * (lr_end / lr) ** ((epoch + 1) / epochs), lr_end)
 
 
-def lr_during_epoch(epoch: int, lr: float, lr_end: float, epochs: int) -> float:
-    """The learning rate used while training ``epoch``."""
-    return lr if epoch == 0 else exponential_lr(epoch - 1, lr, lr_end, epochs)
-
-
 NO_DECAY_KEYWORDS = ("registers", "positional_embedding", "pos_embed", "class_embedding", "cls_token")
+#: ``training.weight_decay_exempt``: ``none`` decays every trainable parameter (the release: registers, positional
+#: embedding, patch-embedding weight and bias, the whole last block); ``tokens_biases_norms`` exempts tokens, biases,
+#: norms and LayerScale gammas (every parameter with fewer than 2 dimensions, and ``NO_DECAY_KEYWORDS``).
+WEIGHT_DECAY_EXEMPTIONS = ("none", "tokens_biases_norms")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS) -> list[dict[str, Any]]:
-    """Two AdamW groups over the trainable parameters: matrices decay; biases, norms and tokens do not."""
+def parameter_groups(model: nn.Module, weight_decay: float, exempt: str = "none",
+                     no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters (see ``WEIGHT_DECAY_EXEMPTIONS`` for ``exempt``).
+
+    ``exempt="none"``: one group, every trainable parameter decays with ``weight_decay`` (the release). Otherwise
+    two groups: matrices decay; biases, norms, LayerScale gammas and the tokens named by ``no_decay_keywords`` do
+    not (weight decay 0).
+    """
+    if exempt not in WEIGHT_DECAY_EXEMPTIONS:
+        raise ValueError(f"exempt must be one of {list(WEIGHT_DECAY_EXEMPTIONS)}, got {exempt!r}")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in no_decay_keywords):
+        if exempt != "none" and (param.ndim < 2 or any(key in name for key in no_decay_keywords)):
             no_decay.append(param)
         else:
             decay.append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters: check distillation.trainable")
+    if exempt == "none":
+        return [{"params": decay, "weight_decay": weight_decay}]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -107,6 +124,7 @@ class DistillConfig:
     lr: float = 3e-4
     lr_end: float = 1e-5
     weight_decay: float = 1e-2
+    weight_decay_exempt: str = "none"  # see WEIGHT_DECAY_EXEMPTIONS; "none" = the release
     betas: tuple[float, float] = (0.9, 0.999)
     mse_weight: float = 1.0
     checkpoint_every: int = 10
@@ -118,6 +136,9 @@ class DistillConfig:
     strategy: str = "auto"   # "auto": single device, or DDP (spawned from the node; torchrun/SLURM when launched so)
     resume: bool = False
     max_nonfinite_batches: int | None = 100  # None: never abort (non-finite batches are still skipped)
+    drop_last: bool = False  # True: each epoch leaves out the images that do not fill a last whole global batch
+    snapshot_every: int | None = None     # student snapshots after every this many epochs (None: none) ...
+    snapshot_epochs: tuple[int, ...] = ()  # ... and after these epochs (1-based); see ``snapshot_epoch_numbers``
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], prefix: str = "student_distillation.training") -> "DistillConfig":
@@ -132,7 +153,17 @@ class DistillConfig:
         values = dict(values)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
+        snapshot_epochs = values.get("snapshot_epochs", ())
+        if not isinstance(snapshot_epochs, (list, tuple)) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in snapshot_epochs):
+            raise ConfigError(f"{prefix}.snapshot_epochs", snapshot_epochs, "a list of epoch numbers >= 1 (1-based)")
+        values["snapshot_epochs"] = tuple(sorted(set(snapshot_epochs)))
         config = cls(**values)
+        if not isinstance(config.drop_last, bool):
+            raise ConfigError(f"{prefix}.drop_last", config.drop_last, "true or false")
+        every = config.snapshot_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ConfigError(f"{prefix}.snapshot_every", every, "an integer >= 1, or null for no periodic snapshots")
         for name in ("epochs", "batch_size", "checkpoint_every", "accumulate_grad_batches", "devices", "num_nodes"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -144,6 +175,13 @@ class DistillConfig:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{prefix}.{name}", value, "a number > 0")
+        if isinstance(config.weight_decay, bool) or not isinstance(config.weight_decay, (int, float)) \
+                or not config.weight_decay >= 0:
+            raise ConfigError(f"{prefix}.weight_decay", config.weight_decay, "a number >= 0")
+        if config.weight_decay_exempt not in WEIGHT_DECAY_EXEMPTIONS:
+            raise ConfigError(f"{prefix}.weight_decay_exempt", config.weight_decay_exempt,
+                              f"one of {list(WEIGHT_DECAY_EXEMPTIONS)} ('none': every trainable parameter decays, "
+                              f"as the release does)")
         return config
 
     @property
@@ -154,24 +192,44 @@ class DistillConfig:
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size * self.accumulate_grad_batches
 
+    def snapshot_epoch_numbers(self) -> list[int]:
+        """The 1-based epochs after which the student is kept as a snapshot: every ``snapshot_every`` epochs and
+        each of ``snapshot_epochs``, up to ``epochs`` (the release: epoch 1 and every 10)."""
+        periodic = range(self.snapshot_every, self.epochs + 1, self.snapshot_every) if self.snapshot_every else ()
+        return sorted({*periodic, *(e for e in self.snapshot_epochs if e <= self.epochs)})
+
 
 class TargetPairs(Dataset):
-    """Cached mode: (normalised image, denoised target) pairs from the prepared-image and teacher-target stores."""
+    """Cached mode: (normalised image, denoised target) pairs from the prepared-image and teacher-target stores.
+
+    ``crops[i]`` lists the store records of training image ``i``: its ``data_preparation.crops_per_image`` = K
+    fixed crops, each denoised with its own draw of views (a single record index stands for K = 1). Like the online
+    mode, an epoch shows every image once: item ``(epoch, i)`` is crop ``epoch % K`` of image ``i``, so K = 1
+    repeats one crop and one view draw every epoch, and a larger K comes closer to the fresh crop and views of every
+    step, with the same epochs, optimizer steps and schedule.
+    """
 
     def __init__(self, images: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
-                 indices: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+                 crops: Sequence[int | Sequence[int]], mean: Sequence[float], std: Sequence[float]):
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} prepared images but {len(targets)} teacher targets: rerun teacher_denoising "
                              f"(with student_distillation.targets: cached)")
-        self.images, self.targets, self.indices = images, targets, list(indices)
+        self.images, self.targets = images, targets
+        self.crops = [list(c) if isinstance(c, Sequence) else [int(c)] for c in crops]
+        if not all(self.crops):
+            raise ValueError("TargetPairs: every training image needs at least one cached crop")
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.crops)
+
+    def record(self, epoch: int, i: int) -> int:
+        """The store record that image ``i`` trains on in ``epoch``: its crops in turn."""
+        crops = self.crops[i]
+        return crops[epoch % len(crops)]
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        _, i = item
-        index = self.indices[i]
+        index = self.record(*item)
         image = normalize(self.images[index]["image"][None], self.mean, self.std)[0]
         return image, self.targets[index]["target"].float()
 
@@ -179,8 +237,9 @@ class TargetPairs(Dataset):
 class OnlineTargets:
     """Online mode: the frozen teacher's TTA-denoised targets, recomputed for every batch with fresh views.
 
-    The views of a batch come from ``generator(seed, "tta", epoch, *image_indices)``; ``teacher_denoising`` uses
-    the same key with epoch 0, so cached and online targets agree when the crop is fixed and the epoch is 0.
+    Each image draws its own views from ``generator(seed, "tta", epoch, image_index)`` (``image_generators``), as
+    the release draws them per image; ``teacher_denoising`` uses the same key with epoch 0, so cached and online
+    targets agree when the crop is fixed and the epoch is 0, whatever the batches.
     """
 
     def __init__(self, teacher: nn.Module, seed: int, n_views: int = 10, shift_frac: float = 0.15,
@@ -196,14 +255,14 @@ class OnlineTargets:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, epoch: int, indices: Sequence[int]) -> torch.Tensor:
-        from .denoise import TTADenoiser
+        from .denoise import TTADenoiser, image_generators
 
         teacher = self.teacher
         denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(images.device),
                                **self.tta)
         amp = autocast_dtype(images.device)
         with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
-            return denoiser(images, generator(self.seed, "tta", epoch, *indices)).float()
+            return denoiser(images, image_generators(self.seed, epoch, indices)).float()
 
 
 class EpochTaggedSampler(Sampler):
@@ -280,7 +339,8 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
             load_state_fn: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
             progress: bool = True,
             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-            online_targets: OnlineTargets | None = None) -> list[dict[str, float]]:
+            online_targets: OnlineTargets | None = None,
+            snapshots: StudentSnapshots | None = None) -> list[dict[str, float]]:
     """Train the student's trainable parameters; return one history row per epoch. The student is updated in place.
 
     ``dataset[(epoch, i)]`` yields ``(image, target)`` (cached mode) or ``(image, i)`` with ``online_targets``
@@ -289,6 +349,9 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     are skipped (on every rank) and counted. ``state_fn``/``load_state_fn`` (default: the model's trainable
     parameters) save and restore the weights in checkpoints; ``on_epoch_end(epoch, row)`` runs after each epoch.
     With several devices the work runs in spawned DDP processes and the student receives rank 0's weights.
+    ``config.drop_last`` leaves out each epoch's last incomplete batch (resumes still replay the same batches).
+    ``snapshots`` keeps ``state_fn(student)`` after each of ``config.snapshot_epoch_numbers()`` (a run that starts
+    from its first epoch first removes the snapshots of an earlier run).
     """
     from .models import load_trainable_state_dict, trainable_state_dict
 
@@ -299,7 +362,7 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     external = _launched_externally()
     spawn = getattr(fabric.strategy, "launcher", None) is not None and not external
     args = (student, dataset, asdict(config), seed, checkpoint_dir, state_fn, load_state_fn, progress, on_epoch_end,
-            online_targets, spawn)
+            online_targets, spawn, snapshots)
     if spawn:
         payload, history = fabric.launch(_train, *args)  # spawned ranks; rank 0's result comes back
         load_state_fn(student, safetensors.torch.load(payload))
@@ -328,18 +391,33 @@ def _check_batch_layout(saved: dict[str, Any], config: DistillConfig, checkpoint
             f"them to resume (student_distillation.training), or delete the checkpoint to start over")
 
 
+def _last_step_epoch(history: Sequence[dict[str, Any]], position: dict[str, Any] | None) -> int | None:
+    """The (0-based) epoch of a checkpoint's last optimizer step, None when it has none: the mid-epoch position
+    when an optimizer step was taken in that epoch, else the last finished epoch with steps."""
+    if position is not None and position.get("steps", 0) > 0:
+        return position["epoch"]
+    return next((row["epoch"] - 1 for row in reversed(history) if row["steps"] > 0), None)
+
+
 def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_fn, load_state_fn, progress,
-           on_epoch_end, online_targets, spawned):
+           on_epoch_end, online_targets, spawned, snapshots=None):
     config = DistillConfig.from_dict(config_values)
     world = fabric.world_size
     if fabric.is_global_zero:
         log.info("distillation: global batch size %d = %d per device x %d devices x %d accumulated micro-batches",
                  config.batch_size * world * config.accumulate_grad_batches, config.batch_size, world,
                  config.accumulate_grad_batches)
-    optimizer = torch.optim.AdamW(parameter_groups(student, config.weight_decay), lr=config.lr, betas=config.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_during_epoch(step, 1.0, config.lr_end / config.lr, config.epochs)
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(student, config.weight_decay, config.weight_decay_exempt),
+                                  lr=config.lr, betas=config.betas)
+
+    def set_lr(last_step_epoch: int | None) -> None:
+        """The release's schedule: set after every optimizer step, so the rate of the next step follows from the
+        epoch of the last one (``config.lr`` before the first step of the run)."""
+        value = (config.lr if last_step_epoch is None
+                 else lr_after_step(last_step_epoch, config.lr, config.lr_end, config.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = value
+
     start_epoch, history, position, nonfinite_total = 0, [], None, 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if config.resume and checkpoint is not None and checkpoint.is_file():
@@ -349,9 +427,9 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
             _check_batch_layout(state["config"], config, checkpoint)
         load_state_fn(student, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        set_lr(_last_step_epoch(history, position))  # also right for checkpoints of the older per-epoch schedule
         nonfinite_total = state.get("nonfinite_batches", sum(row["skipped_batches"] for row in history))
         if fabric.is_global_zero:
             where = f"epoch {start_epoch + 1}" + (f", batch {position['batch'] + 1}" if position else "")
@@ -361,21 +439,33 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
     model, optimizer = fabric.setup(student, optimizer)
     if online_targets is not None:
         online_targets.to(fabric.device)
+    # drop_last: the sampler gives every rank floor(N / world) images (no padding with repeated ones) and the loader
+    # leaves out each rank's last incomplete batch, so every rank runs the same number of full batches
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world, rank=fabric.global_rank, shuffle=True,
-                                                    seed=derive_seed(seed, "shuffle") % (1 << 31), drop_last=False))
+                                                    seed=derive_seed(seed, "shuffle") % (1 << 31),
+                                                    drop_last=config.drop_last))
     workers = config.num_workers
     # the loader draws its worker seed from its own generator, reseeded per epoch: the global RNG (saved in
     # checkpoints) is left to the model, so a resumed run continues the same random stream
     loader_generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0, multiprocessing_context="spawn" if workers > 0 else None,
-                        generator=loader_generator)
+                        generator=loader_generator, drop_last=config.drop_last)
+    if config.drop_last and len(sampler.sampler) < config.batch_size:
+        raise ValueError(f"student_distillation.training.drop_last is true, but the {len(dataset)} training images "
+                         f"fill no batch of {config.batch_size} x {world} device(s): every batch would be dropped "
+                         f"(lower batch_size, or set drop_last: false)")
+    snapshot_epochs = set(config.snapshot_epoch_numbers()) if snapshots is not None else set()
+    if snapshots is not None and start_epoch == 0 and position is None:  # a fresh run: no stale snapshots
+        if fabric.is_global_zero:
+            snapshots.clear()
+        fabric.barrier()
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     trainable = [p for p in student.parameters() if p.requires_grad]
     accumulate = config.accumulate_grad_batches
 
     def checkpoint_state(last_done_epoch: int, where: dict[str, Any] | None) -> dict[str, Any]:
-        return {"weights": state_fn(student), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"weights": state_fn(student), "optimizer": optimizer.state_dict(),
                 "rng": _rng_state(), "epoch": last_done_epoch, "history": history, "config": asdict(config),
                 "position": where, "nonfinite_batches": nonfinite_total}
 
@@ -464,6 +554,7 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
                         fabric.backward(loss / accumulate)
                     if sync:
                         optimizer.step()
+                        set_lr(epoch)
                         optimizer.zero_grad(set_to_none=True)
                         steps, pending = steps + 1, 0
                     images_seen += images.shape[0] * world
@@ -490,6 +581,7 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
                     if param.grad is not None and world > 1:
                         param.grad = fabric.all_reduce(param.grad, reduce_op="mean")
                 optimizer.step()
+                set_lr(epoch)
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
             if world > 1:
@@ -502,8 +594,11 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
             if flagged:
                 row["substituted_images"] = int(totals[4].item())
             history.append(row)
-            scheduler.step()
             done = epoch + 1 == config.epochs
+            if epoch + 1 in snapshot_epochs:  # before the checkpoint: a checkpoint at an epoch implies its snapshot
+                if fabric.is_global_zero:
+                    snapshots.save(epoch + 1, state_fn(student))
+                fabric.barrier()
             interrupt = not done and agreed(stop.requested)
             if checkpoint is not None and ((epoch + 1) % config.checkpoint_every == 0 or done) and not interrupt:
                 if fabric.is_global_zero:

@@ -8,10 +8,10 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
-from .denoise import TTADenoiser
+from .denoise import TTADenoiser, image_generators
 from .io import Interrupted, stop_on_signals
 from .models import DenseViT
-from .utils import autocast_dtype, generator, normalize
+from .utils import autocast_dtype, normalize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,38 +27,46 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
                             n_views: int = 10, shift_frac: float = 0.15, flip_prob: float = 0.5,
                             pool_factor: int = 10, batch_size: int = 8, max_images_per_forward: int = 64,
                             dtype: torch.dtype = torch.float32, progress: bool = True, start: int = 0,
+                            indices: Sequence[int] | None = None,
                             ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
-    """Yield ``({"target": (h, w, C)}, {"image_index": i})`` for every prepared image from ``start`` on, in order.
+    """Yield ``({"target": (h, w, C)}, {"image_index": i})`` for every prepared image from ``start`` on, in order
+    (or, with ``indices``, for those records only, in that order: e.g. the images an evaluation measures).
 
-    The views of each batch come from ``generator(seed, "tta", 0, *image_indices)``: the key online mode uses at
-    epoch 0, so both modes give the same targets for the same fixed crop and batch. Batches are always
-    ``[k * batch_size, (k + 1) * batch_size)``, so a run resumed at ``start`` computes exactly the targets an
-    uninterrupted run would (the batch holding ``start`` is recomputed, the earlier ones are not).
+    Each image draws its own views from ``image_generators(seed, 0, [image_index])`` (``generator(seed, "tta", 0,
+    image_index)``): the key online mode uses at epoch 0, so both modes give the same targets for the same fixed
+    crop, and an image's views do not depend on ``batch_size``. Batches are always ``[k * batch_size, (k + 1) *
+    batch_size)``, so a run resumed at ``start`` computes exactly the targets an uninterrupted run would (the batch
+    holding ``start`` is recomputed, the earlier ones are not).
 
     SIGINT/SIGTERM stop the stream at the next batch boundary with :class:`ph_reg.io.Interrupted`; the shard
     writer keeps the finished shards.
     """
     if not 0 <= start <= len(images):
         raise ValueError(f"start must be in [0, {len(images)}], got {start}")
+    if indices is None:
+        order = list(range(start - start % batch_size, len(images)))
+    else:
+        order = [int(i) for i in indices]
+        if start or not all(0 <= i < len(images) for i in order):
+            raise ValueError(f"indices must be record indices in [0, {len(images)}) and start 0; got start {start}")
     device = next(teacher.parameters()).device
     amp = autocast_dtype(device)
     denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(device),
                            n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
                            max_images_per_forward=max_images_per_forward)
     teacher.eval()
-    first_batch = start - start % batch_size
     with stop_on_signals() as stop:
-        for batch_start in tqdm(range(first_batch, len(images), batch_size), desc="teacher TTA",
-                                disable=not progress):
+        for first in tqdm(range(0, len(order), batch_size), desc="teacher TTA", disable=not progress):
+            batch_indices = order[first : first + batch_size]
             if stop.requested:
                 raise Interrupted(
-                    f"teacher denoising stopped by {stop.name} before image {batch_start} of {len(images)}: the "
-                    f"finished shards are kept, and the next run continues from the first missing one")
-            indices = list(range(batch_start, min(batch_start + batch_size, len(images))))
-            batch = normalize(torch.stack([images[i]["image"] for i in indices]), teacher.mean, teacher.std).to(device)
+                    f"teacher denoising stopped by {stop.name} before image {batch_indices[0]} of {len(images)}: "
+                    f"the finished shards are kept, and the next run continues from the first missing one")
+            batch = normalize(torch.stack([images[i]["image"] for i in batch_indices]), teacher.mean,
+                              teacher.std).to(device)
             context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
             with torch.no_grad(), context:
-                targets = denoiser(batch, generator(seed, "tta", 0, *indices))
-            for index, target in zip(indices, targets.float().cpu()):
+                targets = denoiser(batch, image_generators(seed, 0, batch_indices))
+            for index, target in zip(batch_indices, targets.float().cpu()):
                 if index >= start:
                     yield {"target": target.to(dtype)}, {"image_index": index}

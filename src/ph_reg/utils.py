@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 
@@ -35,8 +36,41 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, none (fp32) on CPU."""
+    """bf16 autocast on CUDA, none (fp32) on CPU (the ``"auto"`` precision)."""
     return torch.bfloat16 if device.type == "cuda" else None
+
+
+#: Evaluation precisions (``evaluation.precision``): ``fp32`` runs without autocast; ``bf16`` and ``fp16`` run the
+#: forward under ``torch.autocast`` with that dtype on every device; ``auto`` is bf16 on CUDA and fp32 on the CPU.
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_PRECISION = "auto"
+#: What the official evaluation code ran (PH-Reg's zero-shot student and its DINOv2 probe toolboxes: fp32).
+DEFAULT_PRECISION = "fp32"
+PRECISIONS: tuple[str, ...] = (*PRECISION_DTYPES, AUTO_PRECISION)
+
+
+def check_precision(value: object, key: str = "evaluation.precision") -> str:
+    """``value`` if it is one of :data:`PRECISIONS`, else a ValueError naming the config ``key``."""
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ValueError(f"{key} must be one of {list(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an evaluation precision on ``device`` (None: no autocast, fp32)."""
+    check_precision(precision, "precision")
+    if precision == AUTO_PRECISION:
+        return autocast_dtype(device)
+    return PRECISION_DTYPES[precision]
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The one place an evaluation precision becomes a context: ``torch.autocast`` on ``device``'s type with
+    :func:`precision_dtype`, or an explicitly disabled autocast for fp32 (so fp32 holds inside an outer autocast)."""
+    dtype = precision_dtype(precision, device)
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

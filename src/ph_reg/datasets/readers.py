@@ -6,7 +6,8 @@ Every reader is a lazy ``DenseDataset``: ``__init__`` validates the folder and b
 
 - VOC: palette PNGs, index 255 is the object boundary (ignored). ``num_classes=20`` drops the background.
 - ADE20K and Pascal-Context-59 reduce the zero label: 0 becomes ignore (255), the other ids shift down by one.
-- Pascal-Context-60 keeps label 0 as the class "background"; COCO-Object does not reduce the zero label either.
+- Pascal-Context-60 keeps label 0 as the class "background"; COCO-Object does not reduce the zero label either, and
+  (NACLIP's ``datasets/cvt_coco_object.py``) counts every stuff pixel and every unlabelled pixel as background 0.
 - COCO-Stuff-164k ``*_labelTrainIds.png`` holds train ids 0..170; Cityscapes ``*_labelTrainIds.png`` 0..18.
 - NYUv2 depth PNGs are 16-bit millimetres; 0 is invalid.
 """
@@ -32,6 +33,19 @@ NYU_IMAGE_SIZE = (480, 640)
 NYU_DEPTH_SCALE = 1000.0
 
 _LUT_SIZE = 256  # label PNGs are 8-bit index images
+
+#: COCO-Stuff-164k raw annotation ids (0-based COCO category ids) of the 80 thing classes, in train-id order: the
+#: thing part of the raw id -> train id table of mmsegmentation's ``coco_stuff164k.py`` and NACLIP's
+#: ``cvt_coco_object.py`` conversions. The COCO ids 11, 25, 28, 29, 44, 65, 67, 68, 70, 82 and 90 are unused.
+COCO_RAW_THING_IDS: tuple[int, ...] = (*range(0, 11), *range(12, 25), 26, 27, *range(30, 44), *range(45, 65), 66,
+                                       69, *range(71, 82), *range(83, 90))
+#: Raw ids of the 91 stuff classes (train ids 80..170).
+COCO_RAW_STUFF_IDS = range(91, 182)
+#: NACLIP's COCO-Object rule: every raw id above this one (the stuff ids and the unlabelled 255) is background 0.
+COCO_OBJECT_LAST_THING_RAW_ID = 90
+#: The unlabelled value of COCO-Stuff annotations; the train-id conversion keeps it as 255.
+COCO_UNLABELLED = 255
+COCO_OBJECT_BACKGROUND = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,11 +130,27 @@ def reduce_zero_label_lut() -> np.ndarray:
     return lut
 
 
+def coco_object_raw_lut() -> np.ndarray:
+    """NACLIP's COCO-Object conversion (``datasets/cvt_coco_object.py``) of raw COCO-Stuff ids: the k-th thing id of
+    :data:`COCO_RAW_THING_IDS` -> k + 1; every id above :data:`COCO_OBJECT_LAST_THING_RAW_ID` that the conversion
+    lists (stuff 91..181 and the unlabelled 255) -> 0, background, which mIoU counts. Ids it does not list (the
+    unused COCO ids, 182..254) never occur in the annotations; NACLIP copies them through, mmseg's IoU then skips
+    them (outside 0..80), so they map to ignore here."""
+    lut = np.full(_LUT_SIZE, IGNORE_INDEX, dtype=np.int64)
+    lut[list(COCO_RAW_THING_IDS)] = np.arange(1, len(COCO_RAW_THING_IDS) + 1)
+    lut[list(COCO_RAW_STUFF_IDS)] = COCO_OBJECT_BACKGROUND
+    lut[COCO_UNLABELLED] = COCO_OBJECT_BACKGROUND
+    return lut
+
+
 def coco_object_lut(num_things: int = COCO_NUM_THINGS, num_stuff_classes: int = 171) -> np.ndarray:
-    """COCO-Stuff train id -> COCO-Object id: things 0..79 -> 1..80, stuff 80..170 -> 0, anything else ignore."""
+    """COCO-Stuff train id -> COCO-Object id, :func:`coco_object_raw_lut` on mmseg's ``*_labelTrainIds.png``: things
+    0..79 -> 1..80, stuff 80..170 -> 0 and 255 (the unlabelled raw 255, kept by the train-id conversion) -> 0, so
+    unlabelled pixels count as background as in NACLIP's conversion; anything else ignore."""
     lut = np.full(_LUT_SIZE, IGNORE_INDEX, dtype=np.int64)
     lut[:num_things] = np.arange(1, num_things + 1)
-    lut[num_things:num_stuff_classes] = 0
+    lut[num_things:num_stuff_classes] = COCO_OBJECT_BACKGROUND
+    lut[COCO_UNLABELLED] = COCO_OBJECT_BACKGROUND
     return lut
 
 
@@ -287,8 +317,9 @@ class COCOStuff(_SegmentationFiles):
 class COCOObject(COCOStuff):
     """COCO-Object, 81 classes (background + the 80 COCO things), derived from the COCO-Stuff-164k annotations.
 
-    Conversion of each ``*_labelTrainIds.png`` pixel: train ids 0..79 (the 80 thing classes) -> 1..80; every stuff
-    id 80..170 -> 0 (background); 255 stays ignore. The zero label is not reduced: background is a class.
+    Conversion of each ``*_labelTrainIds.png`` pixel (:func:`coco_object_lut`, NACLIP's ``cvt_coco_object.py``):
+    train ids 0..79 (the 80 thing classes) -> 1..80; every stuff id 80..170 and the unlabelled 255 -> 0
+    (background, counted in mIoU: nothing is ignored). The zero label is not reduced: background is a class.
     """
 
     VARIANT = "coco_object"

@@ -2,6 +2,7 @@
 
 from .backbone import (
     DEFAULT_TRAINABLE,
+    POS_EMBED_INTERP,
     BackboneConfig,
     DenseOutput,
     DenseViT,
@@ -18,6 +19,7 @@ __all__ = [
     "CLIP_HEADS",
     "DEFAULT_TRAINABLE",
     "NACLIP_SIGMA",
+    "POS_EMBED_INTERP",
     "BackboneConfig",
     "DenseOutput",
     "DenseViT",

@@ -11,6 +11,9 @@
   | ``sclip`` | ``clearclip`` | ``naclip``; every token then goes through ``ln_post`` and ``@ proj``. timm head:
   ``final_norm`` (the final LayerNormed tokens).
 - The model is built frozen (every ``requires_grad`` False); ``set_trainable`` unlocks parameter groups.
+- Positional embedding at grids other than the stored one: ``BackboneConfig.pos_embed_interp`` (see
+  :data:`POS_EMBED_INTERP`), ``"official"`` resizing once from the pretrained table as the official code does,
+  ``"explicit_size"`` this project's earlier rule.
 - ``implant`` (optional, see :mod:`ph_reg.implant`): planted artifact tokens with a known mask, carried by every
   model built from the config (teacher and student); ``forward_tokens(images, pre_norm=True)`` returns the
   residual-stream tokens before any final normalisation, where their norm is visible.
@@ -54,6 +57,29 @@ DEFAULT_TRAINABLE = ("registers", "pos_embed", "patch_embed", "last_block")
 HF_HUB_PREFIX = "hf-hub:"
 RESERVED_TIMM_KWARGS = ("pretrained", "pretrained_cfg_overlay", "img_size", "dynamic_img_size")
 POS_EMBED_INTERPOLATION = "bicubic"
+#: ``BackboneConfig.pos_embed_interp`` values. Every rule is bicubic with align_corners False, computed in float32,
+#: CLS (prefix) rows kept, and leaves the table unchanged at its own grid.
+#: ``official``: what the official code did. open_clip: ``scale_factor = (new_side + 0.1) / old_side``
+#: (recompute_scale_factor False; sinahmr/NACLIP ``clip/model.py`` and 0raiser0/PH-Reg
+#: ``CLIP/models/augNaCLIP/model.py`` (teacher) and ``CLIP/zero_shot/models/student_CLIP.py`` (student)
+#: ``interpolate_pos_encoding``). Frozen models (teacher, baseline heads) keep the pretrained table and resize it
+#: once to each input's grid; the student (``BackboneConfig.student``) stores its table at the ``img_size`` grid,
+#: resized once from the pretrained one at build (StudentCLIP's constructor, where it is trained), and resizes
+#: that stored table for other inputs (StudentCLIP's forward). timm: Hugging Face
+#: ``Dinov2Embeddings.interpolate_pos_encoding`` as PH-Reg's ``DINOv2_full`` code ran it (transformers >= 4.45:
+#: explicit output size, no antialiasing); every model, student included, keeps the pretrained table and resizes it
+#: at every forward whose grid differs (HF never resizes at load time).
+#: ``explicit_size``: this project's earlier rule, kept as an option. Every model stores its table at the
+#: ``img_size`` grid and resizes that stored table for other inputs. open_clip: bicubic to the explicit output
+#: size (so a baseline head built at 448 and run on 336 crops is resized 14 -> 28 -> 21). timm: timm's own
+#: ``resample_abs_pos_embed`` (antialiased bicubic), at load time (``img_size``) and per forward.
+POS_EMBED_INTERP = ("official", "explicit_size")
+#: what a configuration without the key gets: the behaviour before the option existed (old student configs load
+#: unchanged); conf/base, conf/paper and conf/paper_dinov2 set ``official``
+DEFAULT_POS_EMBED_INTERP = "explicit_size"
+#: the "+0.1" of the official open_clip rule (DINO's guard against float rounding of the output size,
+#: facebookresearch/dino issue 8); it also shifts the sampling positions, so it changes the values
+OFFICIAL_SCALE_OFFSET = 0.1
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -70,6 +96,10 @@ class BackboneConfig:
     from a file use the ``-quickgelu`` open_clip name). Neither: seeded random weights from ``init_seed``.
     ``implant``: ``None`` (the clean model) or the parameters of :class:`ph_reg.implant.ImplantConfig` (stored
     with every default filled in).
+    ``pos_embed_interp``: how the positional embedding is resized to other grids, one of :data:`POS_EMBED_INTERP`
+    (see there). ``student``: True for the distilled student, False for frozen models (teacher, baseline heads);
+    under ``official`` an open_clip student stores its positional embedding at the ``img_size`` grid and frozen
+    models keep the pretrained table; no effect otherwise. The pipelines set it; it is not a ``backbone`` key.
     """
 
     arch: str
@@ -81,6 +111,8 @@ class BackboneConfig:
     init_seed: int = 0
     model_kwargs: dict = field(default_factory=dict, hash=False)
     implant: dict | None = field(default=None, hash=False)
+    pos_embed_interp: str = DEFAULT_POS_EMBED_INTERP
+    student: bool = False
 
     def __post_init__(self) -> None:
         family, sep, name = self.arch.partition(":")
@@ -98,6 +130,10 @@ class BackboneConfig:
             raise ValueError(f"img_size must be positive, got {self.img_size}")
         if self.num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+        if self.pos_embed_interp not in POS_EMBED_INTERP:
+            raise ValueError(f"pos_embed_interp must be one of {POS_EMBED_INTERP}, got {self.pos_embed_interp!r}")
+        if not isinstance(self.student, bool):
+            raise ValueError(f"student must be true or false, got {self.student!r}")
         if not isinstance(self.model_kwargs, Mapping):
             raise ValueError(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
@@ -134,17 +170,38 @@ class DenseOutput(NamedTuple):
 
 
 def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                     num_prefix_tokens: int = 1) -> Tensor:
-    """Resize the patch part of a (prefix + gh * gw, D) positional embedding bicubically (align_corners False,
-    explicit output size); prefix rows (CLS) are kept. Returns ``pos_embed`` itself when the grid is unchanged."""
-    if tuple(old_grid) == tuple(new_grid):
+                     num_prefix_tokens: int = 1, scale_offset: float | None = None,
+                     antialias: bool = False) -> Tensor:
+    """Resize the patch part of a ``(prefix + gh * gw, D)`` or ``(1, prefix + gh * gw, D)`` positional embedding
+    bicubically (align_corners False, in float32, back to the input dtype); prefix rows (CLS) are kept. Returns
+    ``pos_embed`` itself when the grid is unchanged.
+
+    ``scale_offset`` None: to the explicit output size ``new_grid`` (``antialias`` as given). A number ``o``: with
+    ``scale_factor = (new + o) / old`` per axis and ``recompute_scale_factor=False`` (the official open_clip rule
+    with ``o = 0.1``, see :data:`POS_EMBED_INTERP`); ``antialias`` must then be False.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
         return pos_embed
-    prefix, grid = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
+    table = pos_embed if pos_embed.ndim == 3 else pos_embed.unsqueeze(0)
+    prefix, grid = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
     dim = grid.shape[-1]
-    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=POS_EMBED_INTERPOLATION, align_corners=False)
-    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
-    return torch.cat([prefix, grid], dim=0)
+    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()
+    if scale_offset is None:
+        grid = F.interpolate(grid, size=new_grid, mode=POS_EMBED_INTERPOLATION, align_corners=False,
+                             antialias=antialias)
+    else:
+        if antialias:
+            raise ValueError("resize_pos_embed: antialias is only supported with an explicit output size")
+        scale = tuple((new + scale_offset) / old for new, old in zip(new_grid, old_grid))
+        grid = F.interpolate(grid, scale_factor=scale, mode=POS_EMBED_INTERPOLATION, align_corners=False,
+                             recompute_scale_factor=False)
+        if tuple(grid.shape[-2:]) != new_grid:
+            raise ValueError(f"resize_pos_embed: scale_offset {scale_offset} resized {old_grid} to "
+                             f"{tuple(grid.shape[-2:])}, not {new_grid}")
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    out = torch.cat([prefix, grid], dim=1)
+    return out if pos_embed.ndim == 3 else out[0]
 
 
 class DenseViT(nn.Module):
@@ -283,17 +340,24 @@ class OpenClipDenseViT(DenseViT):
         pp = getattr(vit, "preprocess_cfg", {}) or {}
         super().__init__(config, vit, patch, embed_dim, width,
                          pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD))
-        # resize the stored positional embedding to the training/inference grid
-        new_grid = (config.img_size // patch,) * 2
-        with torch.no_grad():
-            pos = resize_pos_embed(vit.positional_embedding.data, tuple(vit.grid_size), new_grid)
-        vit.positional_embedding = nn.Parameter(pos.contiguous(), requires_grad=False)
-        vit.grid_size = new_grid
-        vit.image_size = (config.img_size, config.img_size)
+        # the stored table: resized once to the img_size grid (explicit_size: every model; official: the student,
+        # as StudentCLIP's constructor does), or the pretrained one (official: frozen models, as NACLIP)
+        if config.pos_embed_interp == "explicit_size" or config.student:
+            new_grid = (config.img_size // patch,) * 2
+            with torch.no_grad():
+                pos = self._resize_pos_embed(vit.positional_embedding.data, tuple(vit.grid_size), new_grid)
+            vit.positional_embedding = nn.Parameter(pos.contiguous(), requires_grad=False)
+            vit.grid_size = new_grid
+            vit.image_size = (config.img_size, config.img_size)
+
+    def _resize_pos_embed(self, table: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+        offset = OFFICIAL_SCALE_OFFSET if self.config.pos_embed_interp == "official" else None
+        return resize_pos_embed(table, old_grid, new_grid, scale_offset=offset)
 
     def pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        """Positional embedding for a grid: the stored one at the build grid, else re-interpolated from it."""
-        return resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), grid)
+        """Positional embedding ``(1 + gh * gw, D)`` for a grid: the stored table (``vit.positional_embedding`` at
+        ``vit.grid_size``) at its own grid, else that table resized once by ``config.pos_embed_interp``."""
+        return self._resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), tuple(grid))
 
     def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         transformer = self.vit.transformer
@@ -390,10 +454,38 @@ class TimmDenseViT(DenseViT):
                 bias = bias.to(self._attention_dtype(x)).unsqueeze(1)  # (B, 1, N, N): the same for every head
         return x
 
+    def pos_embed(self, grid: tuple[int, int]) -> Tensor | None:
+        """Positional embedding ``(1, [prefix +] gh * gw, D)`` for a grid (``None`` for models without one): the
+        stored table (``vit.pos_embed`` at ``vit.patch_embed.grid_size``) at its own grid, else that table resized
+        once by ``config.pos_embed_interp`` (official: plain bicubic to the size, as Hugging Face's DINOv2;
+        explicit_size: timm's antialiased bicubic)."""
+        vit = self.vit
+        if vit.pos_embed is None:
+            return None
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        return resize_pos_embed(vit.pos_embed, tuple(vit.patch_embed.grid_size), tuple(grid), prefix,
+                                antialias=self.config.pos_embed_interp == "explicit_size")
+
+    def _add_pos_embed(self, x: Tensor) -> Tensor:
+        """timm's ``VisionTransformer._pos_embed`` with :meth:`pos_embed` as the table: (B, h, w, D) patch tokens
+        -> (B, prefix + h * w, D) with CLS / native register tokens."""
+        vit = self.vit
+        batch, height, width, dim = x.shape
+        x = x.reshape(batch, height * width, dim)
+        prefix = [token.expand(batch, -1, -1) for token in (vit.cls_token, vit.reg_token) if token is not None]
+        pos = self.pos_embed((height, width))
+        if pos is None:
+            return torch.cat(prefix + [x], dim=1)
+        if vit.no_embed_class:  # the table has no prefix rows: add, then prepend the prefix tokens
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return vit.pos_drop(x)
+
     def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
-        x = vit._pos_embed(x)  # (B, prefix + h*w, D)
+        x = self._add_pos_embed(x)  # (B, prefix + h*w, D)
         if self.registers is not None:
             x = torch.cat([self._expand_registers(x), x], dim=1)
         x = vit.norm_pre(vit.patch_drop(x))
@@ -478,6 +570,16 @@ def _create_open_clip(config: BackboneConfig) -> nn.Module:
     return model
 
 
+def timm_kwargs(config: BackboneConfig) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of ``config`` (besides the weights): ``dynamic_img_size`` always;
+    ``img_size`` (timm resizes the table at load time) only under ``explicit_size``: under ``official`` the table keeps
+    the architecture's pretrained grid, as Hugging Face's DINOv2 does."""
+    kwargs = dict(config.model_kwargs, dynamic_img_size=True)
+    if config.pos_embed_interp == "explicit_size":
+        kwargs["img_size"] = config.img_size
+    return kwargs
+
+
 def _build_timm(config: BackboneConfig) -> TimmVisionTransformer:
     name, tag = config.model_name, config.pretrained
     reserved = sorted(set(config.model_kwargs) & set(RESERVED_TIMM_KWARGS))
@@ -485,7 +587,7 @@ def _build_timm(config: BackboneConfig) -> TimmVisionTransformer:
         raise ValueError(f"model_kwargs may not set {reserved}: they come from the other BackboneConfig fields")
     if not timm.is_model(name):
         raise ValueError(f"unknown timm architecture {name!r}; see timm.list_models()")
-    kwargs = dict(config.model_kwargs, img_size=config.img_size, dynamic_img_size=True)
+    kwargs = timm_kwargs(config)
     if config.checkpoint is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=config.checkpoint)
     full_name = f"{name}.{tag}" if tag else name

@@ -2,7 +2,10 @@
 
 from .cache import (
     RECORDS_PER_SHARD,
+    BatchSource,
+    CachedBatchSource,
     CachedImage,
+    as_batch_source,
     cache_attrs,
     cached_image,
     check_store,
@@ -15,6 +18,7 @@ from .cache import (
     store_kind,
 )
 from .depth import (
+    BestProbeTracker,
     DepthProbeConfig,
     LinearDepthProbe,
     eigen_crop_mask,
@@ -22,9 +26,16 @@ from .depth import (
     gradient_loss,
     predict_depth,
     sig_loss,
+    toolbox_gradient_loss,
     train_depth_probe,
 )
-from .metrics import DepthMetrics, segmentation_metrics
+from .metrics import DepthMetrics, SegmentationMetrics, segmentation_metrics
+from .online import (
+    PROBE_MODES,
+    DepthAugmentation,
+    OnlineBatchSource,
+    SegmentationAugmentation,
+)
 from .segmentation import (
     LinearSegmentationProbe,
     SegmentationProbeConfig,
@@ -35,13 +46,22 @@ from .segmentation import (
 )
 
 __all__ = [
+    "PROBE_MODES",
     "RECORDS_PER_SHARD",
+    "BatchSource",
+    "BestProbeTracker",
+    "CachedBatchSource",
     "CachedImage",
+    "DepthAugmentation",
     "DepthMetrics",
     "DepthProbeConfig",
     "LinearDepthProbe",
     "LinearSegmentationProbe",
+    "OnlineBatchSource",
+    "SegmentationAugmentation",
+    "SegmentationMetrics",
     "SegmentationProbeConfig",
+    "as_batch_source",
     "cache_attrs",
     "cached_image",
     "check_store",
@@ -61,6 +81,7 @@ __all__ = [
     "sliding_windows",
     "stitch_windows",
     "store_kind",
+    "toolbox_gradient_loss",
     "train_depth_probe",
     "train_segmentation_probe",
 ]

@@ -1,6 +1,7 @@
 """Frozen-feature cache for the linear probes.
 
-The backbone runs once per image (``torch.no_grad``, bf16 autocast on CUDA only); its patch tokens and CLS token
+The backbone runs once per image (``torch.no_grad``, at the evaluation precision ``precision``: fp32, bf16, fp16
+or auto = bf16 on CUDA / fp32 on the CPU); its patch tokens and CLS token
 are stored in a shard store (:mod:`ph_reg.io`) and the probes train and evaluate from the store alone.
 
 Two kinds of store, chosen by ``split_kind``:
@@ -18,10 +19,18 @@ Two kinds of store, chosen by ``split_kind``:
     ``boxes`` int64 (N, 4), ``label`` uint8 / ``depth`` float32 at the dataset's original resolution (H0, W0),
     and with ``flip=True`` also ``patch_flip`` / ``cls_flip``: the features of each horizontally flipped window
     (its prediction must be flipped back before use). Meta: ``name``, ``index``, ``resized`` = [H, W].
+    With ``stride=None`` the val store holds **whole images** (the depth toolbox's ``test_cfg=dict(mode="whole")``):
+    the image at its original size (or resized to ``short_side`` when given), normalised, centre-padded with zeros to
+    a multiple of the patch size (:func:`center_pad`, the toolbox's ``CenterPadding``: 480x640 -> 490x644 at patch
+    14) and run once (and once flipped with ``flip=True``); ``patch`` (1, h, w, C) covers the padded image and
+    ``boxes`` = [[0, 0, H, W]], so a prediction resized to the box maps the padded grid onto the image as a whole,
+    as the toolbox does. ``crop_size`` then only has to be a valid crop size of the model.
 
-Augmentation: the cache allows none beyond the fixed crop. The features of a flipped, rescaled or recoloured
-image are not a transform of the cached features (the backbone is not equivariant), so no augmentation is
-applied during probe training. Flipping cached feature maps would be possible, but a linear per-location head
+Augmentation: the cache allows none beyond the fixed crop (the fast path, ``evaluation.probes.mode: cached``); the
+official recipe's augmentation needs the backbone run again for every batch, which :mod:`.online` does
+(``mode: online``). The features of a flipped, rescaled or recoloured
+image are not a transform of the cached features (the backbone is not equivariant), so a cached run applies no
+augmentation during probe training. Flipping cached feature maps would be possible, but a linear per-location head
 commutes with the flip, so "flip TTA" by flipping features would be a no-op; the depth flip-TTA therefore uses
 the real features of the flipped windows, computed by the backbone when the val cache is built with
 ``flip=True``.
@@ -31,16 +40,15 @@ Labels are stored as uint8 (class ids 0..254, 255 = ignore) and returned as int6
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ph_reg.io import RecordStream, ShardReader
-from ph_reg.utils import autocast_dtype, generator, normalize
+from ph_reg.utils import DEFAULT_PRECISION, autocast_context, check_precision, generator, normalize
 
 SPLIT_KINDS = ("train", "val")
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -117,15 +125,36 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def center_pad(images: Tensor, multiple: int) -> Tensor:
+    """Zero-pad (B, C, H, W) to the next multiple of ``multiple`` on each side, split evenly with the extra pixel at
+    the bottom/right (the DINOv2 depth toolbox's ``CenterPadding``, applied to normalised images)."""
+    pads = []
+    for size in (images.shape[-1], images.shape[-2]):
+        extra = -size % multiple
+        pads += [extra // 2, extra - extra // 2]
+    return F.pad(images, pads) if any(pads) else images
+
+
 @torch.no_grad()
-def _features(model: nn.Module, crops: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Backbone features of float (B, 3, S, S) crops in [0, 255]: CPU (B, h, w, C) and (B, C) in ``dtype``."""
+def backbone_features(model: nn.Module, crops: Tensor, pad_to_patch: bool = False,
+                      precision: str = DEFAULT_PRECISION) -> tuple[Tensor, Tensor]:
+    """Backbone features of float (B, 3, H, W) crops in [0, 255], on the model's device: float32 (B, h, w, C) and
+    (B, C). ``pad_to_patch`` centre-pads the normalised images to a multiple of the patch size (:func:`center_pad`).
+    The forward runs at ``precision`` (``evaluation.precision``: :func:`ph_reg.utils.autocast_context`)."""
     device = _model_device(model)
     images = normalize(crops.to(device) / 255.0, model.mean, model.std)
-    amp = autocast_dtype(device)
-    with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+    if pad_to_patch:
+        images = center_pad(images, model.patch_size)
+    with autocast_context(device, precision):
         out = model(images)
-    return out.patch.float().to("cpu", dtype), out.cls.float().to("cpu", dtype)
+    return out.patch.float(), out.cls.float()
+
+
+def _features(model: nn.Module, crops: Tensor, dtype: torch.dtype, precision: str = DEFAULT_PRECISION
+              ) -> tuple[Tensor, Tensor]:
+    """Backbone features of float (B, 3, S, S) crops in [0, 255]: CPU (B, h, w, C) and (B, C) in ``dtype``."""
+    patch, cls = backbone_features(model, crops, precision=precision)
+    return patch.to("cpu", dtype), cls.to("cpu", dtype)
 
 
 def _stored_label(label: Tensor, name: str) -> Tensor:
@@ -159,11 +188,12 @@ def _check_args(model: nn.Module, crop_size: int, stride: int | None, split_kind
     patch = getattr(model, "patch_size", None)
     if not isinstance(crop_size, int) or crop_size <= 0 or patch is None or crop_size % patch:
         raise ValueError(f"crop_size must be a positive multiple of the model's patch size {patch}, got {crop_size}")
-    if split_kind == "val" and (stride is None or not 0 < stride <= crop_size):
-        raise ValueError(f"stride must be in (0, crop_size={crop_size}] for split_kind='val', got {stride}")
+    if split_kind == "val" and stride is not None and not 0 < stride <= crop_size:
+        raise ValueError(f"stride must be in (0, crop_size={crop_size}] for split_kind='val' (or None: the whole "
+                         f"image), got {stride}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if short_side < crop_size:
+    if short_side is not None and not whole_image_mode(split_kind, stride) and short_side < crop_size:
         raise ValueError(f"short_side ({short_side}) must be >= crop_size ({crop_size})")
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
@@ -174,26 +204,32 @@ def _check_args(model: nn.Module, crop_size: int, stride: int | None, split_kind
 def feature_records(model: nn.Module, dataset: Sequence, crop_size: int, stride: int | None = None,
                     split_kind: str = "val", batch_size: int = 8, seed: int = 0, *, short_side: int | None = None,
                     feature_dtype: str = "float16", train_crop: str = "random", flip: bool = False,
-                    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
+                    precision: str = DEFAULT_PRECISION) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
     """Stream ``(tensors, meta)`` records of frozen features for ``ph_reg.io.write_shards`` (see module doc).
 
     ``model`` is a :class:`ph_reg.models.DenseViT` (or anything with ``patch_size``, ``mean``, ``std`` and a
     forward returning ``.patch`` (B, h, w, C) / ``.cls`` (B, C)); it runs on its own device, in eval mode.
     ``dataset`` yields :class:`ph_reg.datasets.DenseSample`. ``batch_size`` is the number of crops per forward.
     ``flip`` (val only) also stores the features of every horizontally flipped window, for flip TTA.
+    ``precision`` is the backbone's evaluation precision (:data:`ph_reg.utils.PRECISIONS`).
     Arguments are checked when called; the records are computed lazily while the iterator is consumed.
     """
-    short_side = crop_size if short_side is None else short_side
+    whole = whole_image_mode(split_kind, stride)
+    short_side = crop_size if short_side is None and not whole else short_side
     _check_args(model, crop_size, stride, split_kind, batch_size, short_side, feature_dtype, train_crop)
+    check_precision(precision, "precision")
     if flip and split_kind != "val":
         raise ValueError("flip=True is only meaningful for split_kind='val' (flip TTA at evaluation)")
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to cache")
     dtype = FEATURE_DTYPES[feature_dtype]
     if split_kind == "train":
-        records = _train_records(model, dataset, crop_size, batch_size, seed, short_side, dtype, train_crop)
+        records = _train_records(model, dataset, crop_size, batch_size, seed, short_side, dtype, train_crop,
+                                 precision)
+    elif whole:
+        records = _whole_image_records(model, dataset, short_side, dtype, flip, precision)
     else:
-        records = _val_records(model, dataset, crop_size, stride, batch_size, short_side, dtype, flip)
+        records = _val_records(model, dataset, crop_size, stride, batch_size, short_side, dtype, flip, precision)
     return _in_eval_mode(model, records)
 
 
@@ -208,13 +244,13 @@ def _in_eval_mode(model: nn.Module, records: Iterator) -> Iterator:
 
 
 def _train_records(model: nn.Module, dataset: Sequence, crop_size: int, batch_size: int, seed: int,
-                   short_side: int, dtype: torch.dtype, train_crop: str
+                   short_side: int, dtype: torch.dtype, train_crop: str, precision: str
                    ) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
     pending: list[tuple[Tensor, dict[str, Tensor], dict[str, Any]]] = []
     has_label = has_depth = None
 
     def flush() -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
-        patch, cls = _features(model, torch.stack([crop for crop, _, _ in pending]), dtype)
+        patch, cls = _features(model, torch.stack([crop for crop, _, _ in pending]), dtype, precision)
         for i, (_, tensors, meta) in enumerate(pending):
             yield {"patch": patch[i].clone(), "cls": cls[i].clone(), **tensors}, meta
         pending.clear()
@@ -239,7 +275,7 @@ def _train_records(model: nn.Module, dataset: Sequence, crop_size: int, batch_si
 
 
 def _val_records(model: nn.Module, dataset: Sequence, crop_size: int, stride: int, batch_size: int,
-                 short_side: int, dtype: torch.dtype, flip: bool
+                 short_side: int, dtype: torch.dtype, flip: bool, precision: str
                  ) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
     has_label = has_depth = None
     for index in range(len(dataset)):
@@ -252,11 +288,11 @@ def _val_records(model: nn.Module, dataset: Sequence, crop_size: int, stride: in
         outputs: dict[str, list[Tensor]] = {"patch": [], "cls": [], "patch_flip": [], "cls_flip": []}
         for start in range(0, len(crops), batch_size):
             chunk = crops[start:start + batch_size]
-            patch, cls = _features(model, chunk, dtype)
+            patch, cls = _features(model, chunk, dtype, precision)
             outputs["patch"].append(patch)
             outputs["cls"].append(cls)
             if flip:
-                patch, cls = _features(model, chunk.flip(-1), dtype)
+                patch, cls = _features(model, chunk.flip(-1), dtype, precision)
                 outputs["patch_flip"].append(patch)
                 outputs["cls_flip"].append(cls)
         tensors = {key: torch.cat(parts) for key, parts in outputs.items() if parts}
@@ -268,15 +304,46 @@ def _val_records(model: nn.Module, dataset: Sequence, crop_size: int, stride: in
         yield tensors, {"name": sample.name, "index": index, "resized": list(size)}
 
 
+def whole_image_mode(split_kind: str, stride: int | None) -> bool:
+    """A val cache with ``stride=None`` holds whole-image features (the depth toolbox's ``test_cfg mode="whole"``)."""
+    return split_kind == "val" and stride is None
+
+
+def _whole_image_records(model: nn.Module, dataset: Sequence, short_side: int | None, dtype: torch.dtype,
+                         flip: bool, precision: str) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """Val records of whole images (see the module doc): one forward per image (with its flipped copy)."""
+    has_label = has_depth = None
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        has_label, has_depth = _check_sample(sample, index, has_label, has_depth)
+        height, width = sample.image.shape[-2:]
+        size = (height, width) if short_side is None else resized_size(height, width, short_side)
+        image = resize_image(sample.image, size)
+        views = torch.stack([image, image.flip(-1)]) if flip else image[None]
+        patch, cls = backbone_features(model, views, pad_to_patch=True, precision=precision)
+        patch, cls = patch.to("cpu", dtype), cls.to("cpu", dtype)
+        tensors = {"patch": patch[:1].clone(), "cls": cls[:1].clone(),
+                   "boxes": torch.tensor([[0, 0, size[0], size[1]]], dtype=torch.int64)}
+        if flip:
+            tensors["patch_flip"], tensors["cls_flip"] = patch[1:].clone(), cls[1:].clone()
+        if sample.label is not None:
+            tensors["label"] = _stored_label(sample.label, sample.name).clone()
+        if sample.depth is not None:
+            tensors["depth"] = sample.depth.float().clone()
+        yield tensors, {"name": sample.name, "index": index, "resized": list(size)}
+
+
 def cache_attrs(model: nn.Module, dataset: Sequence, crop_size: int, stride: int | None, split_kind: str,
                 seed: int, short_side: int | None = None, feature_dtype: str = "float16",
-                train_crop: str = "random", flip: bool = False) -> dict[str, Any]:
+                train_crop: str = "random", flip: bool = False, precision: str = DEFAULT_PRECISION
+                ) -> dict[str, Any]:
     """Store attributes describing how a feature cache was made (for ``index.json``)."""
     config = getattr(model, "config", None)
     return {
         "split_kind": split_kind, "crop_size": crop_size, "stride": stride,
-        "short_side": crop_size if short_side is None else short_side, "seed": seed,
-        "feature_dtype": feature_dtype, "train_crop": train_crop, "flip": flip,
+        "short_side": crop_size if short_side is None and not whole_image_mode(split_kind, stride) else short_side,
+        "seed": seed,
+        "feature_dtype": feature_dtype, "train_crop": train_crop, "flip": flip, "precision": precision,
         "patch_size": getattr(model, "patch_size", None), "embed_dim": getattr(model, "embed_dim", None),
         "backbone": config.to_dict() if hasattr(config, "to_dict") else None,
         "dataset": getattr(dataset, "name", None), "split": getattr(dataset, "split", None),
@@ -287,12 +354,13 @@ def cache_attrs(model: nn.Module, dataset: Sequence, crop_size: int, stride: int
 def feature_stream(model: nn.Module, dataset: Sequence, crop_size: int, stride: int | None = None,
                    split_kind: str = "val", batch_size: int = 8, seed: int = 0, *, short_side: int | None = None,
                    feature_dtype: str = "float16", train_crop: str = "random", flip: bool = False,
-                   records_per_shard: int = RECORDS_PER_SHARD) -> RecordStream:
+                   records_per_shard: int = RECORDS_PER_SHARD, precision: str = DEFAULT_PRECISION) -> RecordStream:
     """:func:`feature_records` with its attributes (:func:`cache_attrs`) as a :class:`ph_reg.io.RecordStream`."""
     records = feature_records(model, dataset, crop_size, stride, split_kind, batch_size, seed,
-                              short_side=short_side, feature_dtype=feature_dtype, train_crop=train_crop, flip=flip)
+                              short_side=short_side, feature_dtype=feature_dtype, train_crop=train_crop, flip=flip,
+                              precision=precision)
     attrs = cache_attrs(model, dataset, crop_size, stride, split_kind, seed, short_side, feature_dtype,
-                        train_crop, flip)
+                        train_crop, flip, precision)
     return RecordStream(records, attrs=attrs, records_per_shard=records_per_shard)
 
 
@@ -377,3 +445,46 @@ def iter_train_batches(store: ShardReader, batch_size: int, gen: torch.Generator
             batch = {k: torch.stack([r[k] for r in records]) for k in keys}
             yield {k: v.long() if k == "label" else v.float() if v.is_floating_point() else v
                    for k, v in batch.items()}
+
+
+# --- training batch sources -----------------------------------------------------------------------------------
+@runtime_checkable
+class BatchSource(Protocol):
+    """Where a probe's training batches come from: a train feature cache (cached mode, :class:`CachedBatchSource`)
+    or the frozen backbone run on augmented images for every batch (online mode, :mod:`.online`).
+
+    ``batches`` is an endless iterator of dicts with the requested ``keys`` among ``"patch"`` (B, h, w, C) float,
+    ``"cls"`` (B, C) float, ``"label"`` (B, H, W) int64 and ``"depth"`` (B, H, W) float; the tensors may be on the
+    backbone's device (online mode) or on the CPU (cached mode). ``attrs`` describes the data (e.g.
+    ``num_classes``, like :attr:`ph_reg.io.ShardReader.attrs`).
+    """
+
+    embed_dim: int
+    attrs: Mapping[str, Any]
+
+    def batches(self, batch_size: int, gen: torch.Generator, keys: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+        ...
+
+
+class CachedBatchSource:
+    """:class:`BatchSource` over a train feature cache: :func:`iter_train_batches` (no augmentation)."""
+
+    def __init__(self, store: ShardReader):
+        check_store(store, "train")
+        self.store = store
+        self.attrs: Mapping[str, Any] = store.attrs
+        self.embed_dim: int = int(store[0]["patch"].shape[-1])
+
+    def batches(self, batch_size: int, gen: torch.Generator, keys: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+        check_store(self.store, "train", keys)  # eagerly, so a missing key fails before training starts
+        return iter_train_batches(self.store, batch_size, gen, keys)
+
+
+def as_batch_source(train: ShardReader | BatchSource) -> BatchSource:
+    """A train feature cache wrapped as a :class:`CachedBatchSource`; a :class:`BatchSource` as it is."""
+    if isinstance(train, ShardReader):
+        return CachedBatchSource(train)
+    if isinstance(train, BatchSource):
+        return train
+    raise ValueError(f"expected a train feature cache (ph_reg.io.ShardReader) or a BatchSource (embed_dim, attrs, "
+                     f"batches), got {type(train).__name__}")

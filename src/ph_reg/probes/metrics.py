@@ -1,16 +1,15 @@
-"""Dense-task metrics: mIoU / mAcc (torchmetrics) and monocular-depth metrics.
+"""Dense-task metrics: mIoU / mAcc (as mmsegmentation) and monocular-depth metrics.
 
-Segmentation (``segmentation_metrics``): ``MulticlassJaccardIndex`` and ``MulticlassAccuracy`` with
-``average="macro"`` and ``ignore_index=255``, accumulated as one confusion matrix over the whole val set.
-torchmetrics 1.9 macro averaging, checked in ``tests/test_probe_metrics.py``:
+Segmentation (``segmentation_metrics``): mmsegmentation's ``IoUMetric``, accumulated as one confusion matrix over
+the whole val set (``dist_reduce_fx="sum"``), checked against hand-computed matrices in ``tests/test_probe_metrics.py``
+and ``tests/test_repro_probes.py``:
 
 - pixels whose target is ``ignore_index`` are dropped before counting, whatever their prediction;
-- a class absent from both prediction and target (empty row and column of the confusion matrix) gets weight 0:
-  it is left out of both means (as mmsegmentation's ``nanmean``);
-- mIoU: a class predicted but absent from the target has IoU 0 and counts (as in mmsegmentation);
-- mAcc (per-class recall ``tp / (tp + fn)``): a class predicted but absent from the target has recall 0/0,
-  which torchmetrics turns into 0 and *counts* in the mean, whereas mmsegmentation's ``nanmean`` leaves it out.
-  torchmetrics mAcc can therefore be lower than mmsegmentation's; mIoU is identical.
+- mIoU = ``nanmean(intersection / union)``: a class absent from both prediction and target (union 0) is left out;
+  a class predicted but absent from the target has IoU 0 and counts;
+- mAcc = ``nanmean(intersection / label area)`` (per-class recall): a class absent from the target (label area 0)
+  is left out, *whether or not it is predicted* (mmsegmentation; torchmetrics' ``MulticlassAccuracy`` would count
+  a predicted-but-absent class as 0).
 
 Depth (``DepthMetrics``): RMSE (m), AbsRel, delta_k = share of pixels with ``max(pred/gt, gt/pred) < 1.25**k``,
 over valid pixels ``min_depth < gt <= max_depth`` (and an optional extra mask, e.g. the Eigen crop).
@@ -21,8 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics import Metric
 
 from ph_reg.datasets.base import IGNORE_INDEX
 
@@ -32,14 +30,53 @@ DELTA_BASE = 1.25
 DEPTH_METRIC_NAMES = ("RMSE", "AbsRel", "delta1", "delta2", "delta3")
 
 
-def segmentation_metrics(num_classes: int, ignore_index: int = IGNORE_INDEX) -> MetricCollection:
-    """``{"mIoU", "mAcc"}``: macro-averaged Jaccard index and per-class accuracy, as fractions in [0, 1]."""
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    return MetricCollection({
-        "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
-        "mAcc": MulticlassAccuracy(num_classes, average="macro", ignore_index=ignore_index),
-    })
+class SegmentationMetrics(Metric):
+    """mIoU and mAcc as mmsegmentation's ``IoUMetric`` computes them (see the module doc), from a confusion matrix
+    (rows: target class, columns: predicted class) accumulated over every ``update``."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.add_state("confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add integer class maps of the same shape (any shape); target pixels equal to ``ignore_index`` are dropped."""
+        if preds.shape != target.shape:
+            raise ValueError(f"preds and target must have the same shape, got {tuple(preds.shape)} and "
+                             f"{tuple(target.shape)}")
+        keep = target != self.ignore_index
+        preds, target = preds[keep].long(), target[keep].long()
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
+            raise ValueError(f"target class ids must be in [0, {self.num_classes}) or {self.ignore_index}, got range "
+                             f"[{int(target.min())}, {int(target.max())}]")
+        if preds.numel() and (int(preds.min()) < 0 or int(preds.max()) >= self.num_classes):
+            raise ValueError(f"predicted class ids must be in [0, {self.num_classes}), got range "
+                             f"[{int(preds.min())}, {int(preds.max())}]")
+        counts = torch.bincount(target * self.num_classes + preds, minlength=self.num_classes ** 2)
+        self.confusion += counts.view(self.num_classes, self.num_classes)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"mIoU", "mAcc"}`` as fractions in [0, 1] (NaN when no class qualifies)."""
+        confusion = self.confusion.double()
+        intersection = confusion.diagonal()
+        label_area = confusion.sum(1)
+        union = label_area + confusion.sum(0) - intersection
+        iou = intersection / union          # 0/0 = NaN: class absent from prediction and target
+        acc = intersection / label_area     # 0/0 = NaN: class absent from the target, predicted or not
+        return {"mIoU": iou.nanmean(), "mAcc": acc.nanmean()}
+
+
+def segmentation_metrics(num_classes: int, ignore_index: int = IGNORE_INDEX) -> SegmentationMetrics:
+    """``{"mIoU", "mAcc"}`` of mmsegmentation's ``IoUMetric`` (nanmean over classes), as fractions in [0, 1]."""
+    return SegmentationMetrics(num_classes, ignore_index)
 
 
 class DepthMetrics(Metric):

@@ -1,9 +1,12 @@
 """Linear-probe semantic segmentation on frozen patch tokens (method.md section 6).
 
 Head: ``BatchNorm2d(C) -> Conv2d(C, K, 1)`` on the (C, h, w) patch grid; logits are upsampled bilinearly
-(``align_corners=False``) to the label size. Loss: cross-entropy, ``ignore_index=255``, averaged over the
-non-ignored pixels of the batch. Training samples batches of cached train crops (no augmentation, see
-:mod:`.cache`); AdamW with poly decay ``lr * (1 - it / iterations) ** power``, stepped every iteration.
+(``align_corners=False``) to the label size. Loss: cross-entropy, ``ignore_index=255``, summed over the non-ignored
+pixels and divided by the number of *all* pixels of the batch, ignored and padded ones included (mmsegmentation's
+``CrossEntropyLoss`` with ``avg_non_ignore=False``, the official value); ``avg_non_ignore=True`` divides by the
+non-ignored pixels instead. Training batches come from a :class:`~.cache.BatchSource`: cached train crops (no
+augmentation, see :mod:`.cache`) or the online source of :mod:`.online` (features recomputed under augmentation);
+AdamW with poly decay ``lr * (1 - it / iterations) ** power``, stepped every iteration.
 
 Inference (sliding window, from a val cache): each window's logits are upsampled to the window size, summed
 into a canvas of the resized image and divided by the number of windows covering each pixel; the averaged
@@ -26,7 +29,7 @@ from ph_reg.datasets.base import IGNORE_INDEX
 from ph_reg.io import ShardReader
 from ph_reg.utils import derive_seed, generator, resolve_device
 
-from .cache import CachedImage, check_store, iter_train_batches, iter_val_images
+from .cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
 from .metrics import segmentation_metrics
 
 HEAD_INIT_STD = 0.01  # mmsegmentation's conv_seg initialisation
@@ -66,10 +69,13 @@ class SegmentationProbeConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     ignore_index: int = IGNORE_INDEX
+    avg_non_ignore: bool = False   # mmseg CrossEntropyLoss: False = mean over all pixels (official); True = non-ignored
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive(self, ("iterations", "batch_size", "lr", "poly_power"))
+        if not isinstance(self.avg_non_ignore, bool):
+            raise ValueError(f"avg_non_ignore must be true or false, got {self.avg_non_ignore!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
@@ -107,39 +113,47 @@ def poly_lr_lambda(iterations: int, power: float):
     return lambda it: max(0.0, 1.0 - it / iterations) ** power
 
 
+def segmentation_loss(logits: Tensor, label: Tensor, ignore_index: int = IGNORE_INDEX,
+                      avg_non_ignore: bool = False) -> Tensor:
+    """Cross-entropy of logits (B, K, H, W) against labels (B, H, W): the sum over the non-ignored pixels divided by
+    all B*H*W pixels (``avg_non_ignore=False``, mmsegmentation's default) or by the non-ignored ones (``True``)."""
+    total = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
+    count = (label != ignore_index).sum().clamp_min(1) if avg_non_ignore else label.numel()
+    return total / count
+
+
 def _probe_device(probe: nn.Module) -> torch.device:
     return next(probe.parameters()).device
 
 
-def train_segmentation_probe(train_store: ShardReader, config: SegmentationProbeConfig | Mapping[str, Any] | None = None,
+def train_segmentation_probe(train: ShardReader | BatchSource,
+                             config: SegmentationProbeConfig | Mapping[str, Any] | None = None,
                              seed: int = 0, history: list[float] | None = None) -> LinearSegmentationProbe:
-    """Train a linear segmentation probe on a train feature cache; returns it in eval mode on the config's device.
+    """Train a linear segmentation probe; returns it in eval mode on the config's device.
 
-    Initialisation and batch order are seeded from ``seed``. ``history``, when given, receives the training loss of
-    every iteration.
+    ``train`` is a train feature cache (cached mode) or a :class:`~.cache.BatchSource` (e.g. the online source of
+    :mod:`.online`). Initialisation and batch order are seeded from ``seed``. ``history``, when given, receives the
+    training loss of every iteration.
     """
     config = SegmentationProbeConfig.from_dict(config)
-    check_store(train_store, "train", ("patch", "label"))
-    num_classes = config.num_classes or train_store.attrs.get("num_classes")
+    source = as_batch_source(train)
+    num_classes = config.num_classes or source.attrs.get("num_classes")
     if not num_classes:
-        raise ValueError("num_classes is unknown: set it in the config (the train cache has no 'num_classes' attr)")
+        raise ValueError("num_classes is unknown: set it in the config (the train data has no 'num_classes' attr)")
     device = resolve_device(config.device)
-    embed_dim = train_store[0]["patch"].shape[-1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "segmentation_probe_init"))
-        probe = LinearSegmentationProbe(embed_dim, num_classes).to(device)
+        probe = LinearSegmentationProbe(source.embed_dim, num_classes).to(device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(config.iterations, config.poly_power))
-    batches = iter_train_batches(train_store, config.batch_size, generator(seed, "segmentation_probe_batches"),
-                                 ("patch", "label"))
+    batches = source.batches(config.batch_size, generator(seed, "segmentation_probe_batches"), ("patch", "label"))
     probe.train()
     losses = []
     for _ in range(config.iterations):
         batch = next(batches)
         patch, label = batch["patch"].to(device), batch["label"].to(device)
         logits = probe(patch, size=label.shape[-2:])
-        loss = F.cross_entropy(logits, label, ignore_index=config.ignore_index, reduction="sum")
-        loss = loss / (label != config.ignore_index).sum().clamp_min(1)
+        loss = segmentation_loss(logits, label, config.ignore_index, config.avg_non_ignore)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,22 +1,27 @@
 """Zero-shot open-vocabulary segmentation harness (SCLIP/NACLIP protocol, as used by PH-Reg).
 
-Per image: resize the short side (bilinear), slide a ``crop`` window with ``stride``; each crop is an independent
-forward pass whose L2-normalised patch features give cosine logits against the query embeddings; these are
-upsampled bilinearly (align_corners False) to the crop, summed into a canvas and divided by the per-pixel window
-count; the canvas is resized bilinearly to the original image size. Then ``P = softmax(logit_scale * cos)`` over all
-queries, each class takes the max over its synonyms, ``pred = argmax`` and pixels whose max probability is below
-``prob_thd`` become class 0 (background). No PAMR. Features are never upsampled, only logits.
+Per image: resize (bilinear) keeping the aspect ratio so that the short side is ``short_side`` unless the long side
+would exceed ``max_long_side`` (mmseg's ``Resize(scale=(max_long_side, short_side), keep_ratio=True)``), slide a
+``crop`` window with ``stride``; each crop is an independent forward pass whose L2-normalised patch features give
+cosine logits against the query embeddings; these are upsampled bilinearly (align_corners False) to the crop,
+summed into a canvas and divided by the per-pixel window count; the canvas is resized bilinearly to the original
+image size. Then ``P = softmax(logit_scale * cos)`` over all queries, each class takes the max over its synonyms,
+``pred = argmax`` and pixels whose max probability is below ``prob_thd`` become class 0 (background). No PAMR.
+Features are never upsampled, only logits.
 
 A *dense function* maps normalised images (B, 3, H, W) to dense features (B, h, w, C). :func:`make_dense_fn` gives
 one for every head in :data:`ZERO_SHOT_HEADS`: the backbone heads, plus ``maskclip_tta`` ("denoising only": the
 value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.denoise` at inference).
+
+Precision: the harness runs a dense function as it is (fp32 unless the function itself autocasts);
+:func:`precision_dense_fn` wraps one in the autocast context of an evaluation precision (``evaluation.precision``,
+:func:`ph_reg.utils.autocast_context`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,7 +35,7 @@ from ..datasets.base import IGNORE_INDEX, DenseDataset
 from ..denoise import TTADenoiser
 from ..models.backbone import DenseViT
 from ..models.clip_heads import CLIP_HEADS
-from ..utils import autocast_dtype, normalize
+from ..utils import autocast_context, check_precision, normalize
 
 __all__ = [
     "CLIP_MEAN",
@@ -46,7 +51,9 @@ __all__ = [
     "image_dense_features",
     "make_dense_fn",
     "model_dense_fn",
+    "precision_dense_fn",
     "resize_short_side",
+    "resized_size",
     "segment_image",
     "sliding_window_logits",
     "sliding_windows",
@@ -61,7 +68,14 @@ CLIP_STD: tuple[float, ...] = tuple(open_clip.OPENAI_DATASET_STD)  # (0.26862954
 DEFAULT_STRIDE = 112
 DEFAULT_LOGIT_SCALE = 40.0
 DEFAULT_BATCH_SIZE = 16  # crops per forward pass
-DEFAULT_PAD_MULTIPLE = 16  # the ViT-B/16 patch size
+DEFAULT_PATCH_SIZE = 16  # the ViT-B/16 patch size
+# mmseg's keep-ratio Resize(scale=(2048, short_side)) of the SCLIP/NACLIP/PH-Reg test pipelines caps the long side
+DEFAULT_MAX_LONG_SIDE = 2048
+# windows smaller than the crop (images smaller than the crop): "as_is" = forwarded at their own size, the pixels
+# past a whole number of patches dropped by the stride-patch embedding (SCLIP/NACLIP/PH-Reg ``forward_slide``);
+# "pad" = zero-padded (normalised space) up to a multiple of the patch size, centred, padding cut off the logits
+SMALL_WINDOW_MODES: tuple[str, ...] = ("as_is", "pad")
+DEFAULT_SMALL_WINDOW = "as_is"
 DEFAULT_TTA_VIEWS = 10
 DEFAULT_TTA_SHIFT_FRAC = 0.15
 DEFAULT_TTA_FLIP_PROB = 0.5
@@ -77,9 +91,15 @@ ZERO_SHOT_HEADS: tuple[str, ...] = ("vanilla", *CLIP_HEADS, *TTA_HEADS)
 class ZeroShotSettings:
     """Every setting of the harness.
 
-    ``short_side`` None keeps the image size. ``batch_size`` is the number of crops per forward pass. Crops whose
-    side is not a multiple of ``pad_multiple`` (only when the image is smaller than ``crop``) are zero-padded in
-    normalised space, centred as in SCLIP, and the padding is cut off the upsampled logits.
+    ``short_side`` None keeps the image size (and ignores ``max_long_side``). Otherwise the image is resized by
+    ``min(short_side / short, max_long_side / long)`` (mmseg's keep-ratio rule; ``max_long_side`` None: no cap).
+    ``batch_size`` is the number of crops per forward pass. ``patch_size`` is the model's patch size.
+    ``small_window`` says what happens to a window whose side is not a multiple of ``patch_size`` (only when the
+    image is smaller than ``crop``): ``"as_is"`` (the official SCLIP/NACLIP/PH-Reg behaviour) forwards it at its own
+    size; the patch embedding (a stride-``patch_size`` convolution) drops the pixels past the last whole patch, and
+    the logits of the remaining grid are upsampled to the whole window. ``"pad"`` (ClearCLIP-style) zero-pads it in
+    normalised space up to a multiple of ``patch_size``, centred as in SCLIP, and cuts the padding off the upsampled
+    logits.
     """
 
     short_side: int | None
@@ -88,15 +108,27 @@ class ZeroShotSettings:
     logit_scale: float = DEFAULT_LOGIT_SCALE
     prob_thd: float = 0.0
     batch_size: int = DEFAULT_BATCH_SIZE
-    pad_multiple: int = DEFAULT_PAD_MULTIPLE
+    patch_size: int = DEFAULT_PATCH_SIZE
+    max_long_side: int | None = DEFAULT_MAX_LONG_SIDE
+    small_window: str = DEFAULT_SMALL_WINDOW
 
     def __post_init__(self) -> None:
-        for key in ("crop", "stride", "batch_size", "pad_multiple"):
+        for key in ("crop", "stride", "batch_size", "patch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ZeroShotSettings.{key} must be a positive int, got {value!r}")
         if self.short_side is not None and (not isinstance(self.short_side, int) or self.short_side < 1):
             raise ValueError(f"ZeroShotSettings.short_side must be a positive int or None, got {self.short_side!r}")
+        if self.max_long_side is not None and (not isinstance(self.max_long_side, int)
+                                               or isinstance(self.max_long_side, bool) or self.max_long_side < 1):
+            raise ValueError(f"ZeroShotSettings.max_long_side must be a positive int or None, got "
+                             f"{self.max_long_side!r}")
+        if self.short_side is not None and self.max_long_side is not None and self.max_long_side < self.short_side:
+            raise ValueError(f"ZeroShotSettings.max_long_side ({self.max_long_side}) must be at least short_side "
+                             f"({self.short_side})")
+        if self.small_window not in SMALL_WINDOW_MODES:
+            raise ValueError(f"ZeroShotSettings.small_window must be one of {list(SMALL_WINDOW_MODES)}, got "
+                             f"{self.small_window!r}")
         if self.stride > self.crop:
             raise ValueError(f"ZeroShotSettings.stride ({self.stride}) must not exceed crop ({self.crop})")
         if not self.logit_scale > 0:
@@ -166,16 +198,16 @@ def tta_dense_fn(
 ) -> DenseFn:
     """Images -> the model's dense features averaged over ``n_views`` shifted/flipped views (TTADenoiser).
 
-    The view generator is re-seeded with ``seed`` on every call, so every batch of crops uses the same views and
-    the result does not depend on batching or call order. ``n_views=1`` is the identity view only (= the model).
+    Every crop draws its views from a generator seeded with ``seed`` afresh, so every crop of every batch uses the
+    same views and the result does not depend on batching or call order. ``n_views=1`` is the identity view only
+    (= the model).
     """
     denoiser = TTADenoiser(model_dense_fn(model), patch_size=model.patch_size, fill=model.fill_value(),
                            n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob,
                            max_images_per_forward=max_images_per_forward)
 
     def dense_fn(images: Tensor) -> Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return denoiser(images, generator)
+        return denoiser(images, [torch.Generator().manual_seed(seed) for _ in range(images.shape[0])])
     return dense_fn
 
 
@@ -210,16 +242,31 @@ def sliding_windows(length: int, crop: int, stride: int) -> list[tuple[int, int]
     return windows
 
 
-def resize_short_side(images: Tensor, short_side: int | None) -> Tensor:
-    """Bilinear (align_corners False) resize of float images (B, C, H, W) so that min(H, W) == short_side, keeping
-    the aspect ratio (each side rounded to the nearest int, as mmcv does); None returns ``images`` unchanged."""
+def resized_size(height: int, width: int, short_side: int | None,
+                 max_long_side: int | None = DEFAULT_MAX_LONG_SIDE) -> tuple[int, int]:
+    """(H, W) after mmseg's keep-ratio ``Resize(scale=(max_long_side, short_side))`` (mmcv ``rescale_size``): the
+    factor is ``min(short_side / min(H, W), max_long_side / max(H, W))`` (no cap when ``max_long_side`` is None),
+    each side rounded as ``int(side * factor + 0.5)``. ``short_side`` None keeps the size."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if short_side is None:
+        return height, width
+    if max_long_side is not None and max_long_side < short_side:
+        raise ValueError(f"max_long_side ({max_long_side}) must be at least short_side ({short_side})")
+    factor = short_side / min(height, width)
+    if max_long_side is not None:
+        factor = min(factor, max_long_side / max(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_short_side(images: Tensor, short_side: int | None,
+                      max_long_side: int | None = DEFAULT_MAX_LONG_SIDE) -> Tensor:
+    """Bilinear (align_corners False) resize of float images (B, C, H, W) to :func:`resized_size` (short side
+    ``short_side`` unless the long side would exceed ``max_long_side``); None returns ``images`` unchanged."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if short_side is None:
-        return images
     height, width = images.shape[-2:]
-    scale = short_side / min(height, width)
-    size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    size = resized_size(height, width, short_side, max_long_side)
     if size == (height, width):
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
@@ -231,10 +278,32 @@ def _centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, 
     return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
 
+def _whole_patches(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """(H', W') covered by whole patches: what a stride-``patch_size`` patch embedding reads of an H x W input."""
+    kept = (height // patch_size * patch_size, width // patch_size * patch_size)
+    if not all(kept):
+        raise ValueError(f"a {height}x{width} window holds no whole {patch_size}x{patch_size} patch")
+    return kept
+
+
+def _check_small_window(small_window: str) -> None:
+    if small_window not in SMALL_WINDOW_MODES:
+        raise ValueError(f"small_window must be one of {list(SMALL_WINDOW_MODES)}, got {small_window!r}")
+
+
+def precision_dense_fn(dense_fn: DenseFn, precision: str) -> DenseFn:
+    """``dense_fn`` run inside :func:`ph_reg.utils.autocast_context` of ``precision`` (``fp32``, ``bf16``, ``fp16``
+    or ``auto``; see :data:`ph_reg.utils.PRECISIONS`) on the device of its input images."""
+    check_precision(precision, "precision")
+
+    def wrapped(images: Tensor) -> Tensor:
+        with autocast_context(images.device, precision):
+            return dense_fn(images)
+    return wrapped
+
+
 def _dense_forward(dense_fn: DenseFn, images: Tensor) -> Tensor:
-    amp = autocast_dtype(images.device)
-    with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
-        features = dense_fn(images)
+    features = dense_fn(images)
     if not isinstance(features, Tensor) or features.ndim != 4 or features.shape[0] != images.shape[0]:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"dense_fn must return (B, h, w, C) features for B = {images.shape[0]} images, got {shape}")
@@ -249,14 +318,19 @@ def sliding_window_logits(
         crop: int,
         stride: int = DEFAULT_STRIDE,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        pad_multiple: int = DEFAULT_PAD_MULTIPLE,
+        patch_size: int = DEFAULT_PATCH_SIZE,
+        small_window: str = DEFAULT_SMALL_WINDOW,
 ) -> Tensor:
     """Window-averaged cosine logits (Q, H, W), float32, of one normalised image (1, 3, H, W) or (3, H, W).
 
     Each crop's L2-normalised features are dotted with the L2-normalised ``text_emb`` (Q, D); the (Q, h, w) logits
     are upsampled bilinearly (align_corners False) to the crop size, summed into a canvas and divided by the
-    per-pixel window count. Crops are batched ``batch_size`` at a time.
+    per-pixel window count. Crops are batched ``batch_size`` at a time. A window whose side is not a multiple of
+    ``patch_size`` is handled by ``small_window`` (see :class:`ZeroShotSettings`): ``"as_is"`` forwards the part
+    covered by whole patches (what a stride-``patch_size`` patch embedding reads) and upsamples its logits to the
+    whole window; ``"pad"`` zero-pads it to a multiple and cuts the padding off the upsampled logits.
     """
+    _check_small_window(small_window)
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[0] != 1:
@@ -267,20 +341,27 @@ def sliding_window_logits(
     rows, cols = sliding_windows(height, crop, stride), sliding_windows(width, crop, stride)
     boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
     crop_h, crop_w = rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]  # every window of an axis has this length
-    left, right, top, bottom = _centred_padding(crop_h, crop_w, pad_multiple)
+    if small_window == "pad":
+        left, right, top, bottom = _centred_padding(crop_h, crop_w, patch_size)
+        read_h, read_w = crop_h, crop_w
+    else:  # "as_is": the patch embedding reads whole patches only; the logits cover the whole window
+        left = right = top = bottom = 0
+        read_h, read_w = _whole_patches(crop_h, crop_w, patch_size)
     text = F.normalize(text_emb.to(image.device, torch.float32), dim=-1)
     canvas = image.new_zeros((text.shape[0], height, width), dtype=torch.float32)
     count = image.new_zeros((1, height, width), dtype=torch.float32)
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start:start + batch_size]
-        crops = torch.stack([image[0, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+        crops = torch.stack([image[0, :, y0:y0 + read_h, x0:x0 + read_w] for y0, _, x0, _ in chunk])
         if left or right or top or bottom:
             crops = F.pad(crops, (left, right, top, bottom))
         features = _dense_forward(dense_fn, crops).to(image.device, torch.float32)
         if features.shape[-1] != text.shape[1]:
             raise ValueError(f"feature dim {features.shape[-1]} does not match text_emb dim {text.shape[1]}")
         logits = (F.normalize(features, dim=-1) @ text.T).permute(0, 3, 1, 2)  # (b, Q, h, w)
-        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        # upsampled to the (padded) window: with "as_is" the whole window, dropped remainder included
+        logits = F.interpolate(logits, size=(top + crop_h + bottom, left + crop_w + right), mode="bilinear",
+                               align_corners=False)
         logits = logits[:, :, top:top + crop_h, left:left + crop_w]
         for (y0, y1, x0, x1), crop_logits in zip(chunk, logits):
             canvas[:, y0:y1, x0:x1] += crop_logits
@@ -344,7 +425,8 @@ def _prepare(image: Tensor, settings: ZeroShotSettings, mean: Sequence[float], s
     _check_uint8_image(image)
     x = image.to(device)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return normalize(resize_short_side(x.unsqueeze(0), settings.short_side), tuple(mean), tuple(std))
+    x = resize_short_side(x.unsqueeze(0), settings.short_side, settings.max_long_side)
+    return normalize(x, tuple(mean), tuple(std))
 
 
 @torch.no_grad()
@@ -359,11 +441,11 @@ def segment_image(
         std: Sequence[float] = CLIP_STD,
 ) -> ZeroShotPrediction:
     """Zero-shot segmentation of one uint8 RGB image (3, H, W) at its original size; runs on ``text_emb``'s
-    device (bf16 autocast around ``dense_fn`` on CUDA)."""
+    device, ``dense_fn`` as it is (wrap it with :func:`precision_dense_fn` for autocast)."""
     height, width = image.shape[-2:]
     x = _prepare(image, settings, mean, std, text_emb.device)
     logits = sliding_window_logits(dense_fn, x, text_emb, settings.crop, settings.stride, settings.batch_size,
-                                   settings.pad_multiple)
+                                   settings.patch_size, settings.small_window)
     if logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits.unsqueeze(0), size=(height, width), mode="bilinear",
                                align_corners=False).squeeze(0)
@@ -380,11 +462,16 @@ def image_dense_features(
         std: Sequence[float] = CLIP_STD,
         device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Dense features (h, w, C) of the whole short-side-resized image in one forward (zero-padded to a multiple
-    of ``settings.pad_multiple``), for feature figures."""
+    """Dense features (h, w, C) of the whole resized image in one forward, for feature figures; a side that is not a
+    multiple of ``settings.patch_size`` is cut to whole patches (``small_window="as_is"``) or zero-padded, centred
+    (``"pad"``)."""
     x = _prepare(image, settings, mean, std, torch.device(device))
-    left, right, top, bottom = _centred_padding(*x.shape[-2:], settings.pad_multiple)
-    x = F.pad(x, (left, right, top, bottom))
+    if settings.small_window == "pad":
+        left, right, top, bottom = _centred_padding(*x.shape[-2:], settings.patch_size)
+        x = F.pad(x, (left, right, top, bottom))
+    else:
+        read_h, read_w = _whole_patches(*x.shape[-2:], settings.patch_size)
+        x = x[..., :read_h, :read_w]
     return _dense_forward(dense_fn, x)[0].float()
 
 

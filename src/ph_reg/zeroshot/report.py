@@ -45,7 +45,8 @@ PUBLISHED_ABLATION_AVG: dict[str, float] = {
     "distill + denoising, no registers": 41.48,
     "PH-Reg": 41.85,
 }
-# result key (head name) -> published row
+# result key (head name) -> published row; heads without one (``vanilla``: method.md publishes no vanilla CLIP
+# numbers) are reported with our numbers only
 PUBLISHED_HEAD_ROWS: dict[str, str] = {
     "maskclip": "MaskCLIP",
     "sclip": "SCLIP",

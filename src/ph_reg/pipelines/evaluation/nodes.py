@@ -21,11 +21,28 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
+def select_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
+                   snapshots: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The student every evaluation node measures: the final one (``evaluation.student_snapshot: null``) or the
+    snapshot kept after that epoch (conf/paper_dinov2: 30, the student of the paper's DINOv2 numbers), read from the
+    snapshot index that student_distillation wrote; an epoch without a snapshot is an error naming the parameter."""
+    from ph_reg.student import read_student, snapshot_folder
+
+    epoch = params.get("student_snapshot")
+    if epoch is None:
+        return student_weights, student_config
+    return read_student(snapshot_folder(snapshots, epoch))
+
+
 def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weights: dict[str, torch.Tensor],
-                       student_config: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], Figure, str]:
-    """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report."""
+                       student_config: dict[str, Any], params: dict[str, Any], denoising: dict[str, Any],
+                       seed: int) -> tuple[dict[str, Any], Figure, str]:
+    """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report, on the prepared images of
+    ``evaluation.split`` (at most ``evaluation.max_images``). With online targets (nothing cached) the denoised
+    targets of those images are computed here, with teacher_denoising's settings and the cached mode's view keys."""
     from ph_reg.evaluate import artifact_evaluation
     from ph_reg.models import BackboneConfig, build_backbone
+    from ph_reg.targets import denoised_target_records
     from ph_reg.utils import resolve_device
 
     device = resolve_device(params["device"])
@@ -33,8 +50,22 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     student, _ = load_evaluated_student(student_weights, student_config, device)
     # first crops first, so the figure shows distinct photos
     indices = sorted(images.indices(split=params["split"]), key=lambda i: (images.meta(i)["crop"], i))
+    if params.get("max_images") is not None:
+        indices = indices[:params["max_images"]]
+    if not indices:
+        raise ValueError(f"evaluation.split: no prepared image has split {params['split']!r} (data_preparation."
+                         f"val_fraction 0 holds none out: evaluate the 'train' split)")
+    if targets.attrs.get("mode") == "online":
+        tta = denoising["tta"]
+        records = denoised_target_records(
+            teacher, images, seed, n_views=tta["n_views"], shift_frac=tta["shift_frac"], flip_prob=tta["flip_prob"],
+            pool_factor=tta["pool_factor"], batch_size=denoising["batch_size"],
+            max_images_per_forward=denoising["max_images_per_forward"], progress=False, indices=indices)
+        targets = {meta["image_index"]: record for record, meta in records}
     report, figure = artifact_evaluation(teacher, student, images, targets, indices, outlier_k=params["outlier_k"],
                                          batch_size=params["batch_size"], figure_images=params["figure_images"])
+    report["split"] = params["split"]
+    report["student_snapshot"] = student_config.get("epoch")   # None: the final student
     backbone = student_config["backbone"]
     random_weights = not backbone.get("pretrained") and not backbone.get("checkpoint")
     report["random_weights"] = random_weights
@@ -128,9 +159,10 @@ def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_c
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
     from ph_reg.dense_eval import zero_shot_evaluation, zero_shot_figures
     from ph_reg.models import BackboneConfig
-    from ph_reg.utils import resolve_device
+    from ph_reg.utils import check_precision, resolve_device
     from ph_reg.zeroshot import table1
 
+    precision = check_precision(params.get("precision"), "evaluation.precision")
     device = resolve_device(params["device"])
     settings = params["zero_shot"]
     base = BackboneConfig.from_dict(student_config["teacher"])
@@ -143,12 +175,12 @@ def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_c
     student, _ = load_evaluated_student(student_weights, student_config, device)
     results = zero_shot_evaluation(student, base, settings["heads"], benchmarks,
                                    tta_views=settings["tta_views"], seed=seed, device=device,
-                                   text_batch_size=settings["text_batch_size"])
+                                   text_batch_size=settings["text_batch_size"], precision=precision)
     table, markdown = table1(results)
     figure = settings["figure"]
     figures = zero_shot_figures(student, base, settings["heads"], settings["benchmarks"][figure["benchmark"]],
                                 figure["images"], figure["query"], tta_views=settings["tta_views"], seed=seed,
-                                device=device)
+                                device=device, precision=precision)
     header = "# Zero-shot open-vocabulary segmentation (mIoU %, Table 1 format)\n\n"
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
@@ -159,28 +191,43 @@ def cache_probe_features(student_weights: dict[str, torch.Tensor], student_confi
                          params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
     """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
     from ph_reg.dense_eval import probe_feature_streams, probe_models
-    from ph_reg.utils import resolve_device
+    from ph_reg.utils import check_precision, resolve_device
 
+    precision = check_precision(params.get("precision"), "evaluation.precision")
     device = resolve_device(params["device"])
     settings = params["probes"]
     student, base = load_evaluated_student(student_weights, student_config, device)
     models = {name: model.to(device) for name, model in probe_models(student, base, settings["teacher_head"]).items()}
     return probe_feature_streams(models, selected_tasks(settings["tasks"], settings["run"]), seed, feature_dtype=settings["feature_dtype"],
-                                 batch_size=params["batch_size"])
+                                 batch_size=params["batch_size"], precision=precision, mode=settings["mode"])
 
 
-def evaluate_probes(features: dict[str, ShardReader], student_config: dict[str, Any], params: dict[str, Any],
-                    seed: int) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
-    """Train the linear probes from the cache and report them in the paper's Table 2 format, with the training
-    curves (one CSV per ``<task>-<benchmark>-<model>``: iteration, loss)."""
+def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str, torch.Tensor],
+                    student_config: dict[str, Any], params: dict[str, Any], seed: int
+                    ) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
+    """Train the linear probes and report them in the paper's Table 2 format, with the training curves (one CSV
+    per ``<task>-<benchmark>-<model>``: iteration, loss). ``evaluation.probes.mode``: ``cached`` trains from the
+    train feature cache; ``online`` recomputes the teacher's and student's features for every batch under the
+    official augmentation (the models are built here; the val side reads the cache in both modes)."""
     import pandas as pd
 
-    from ph_reg.dense_eval import run_probes, table2
+    from ph_reg.dense_eval import probe_models, run_probes, table2
     from ph_reg.models import BackboneConfig
+    from ph_reg.probes.online import check_mode
+    from ph_reg.utils import check_precision, resolve_device
 
     settings = params["probes"]
+    mode = check_mode(settings["mode"])
+    precision = check_precision(params.get("precision"), "evaluation.precision")
+    models = None
+    if mode == "online":
+        device = resolve_device(params["device"])
+        student, base = load_evaluated_student(student_weights, student_config, device)
+        built = probe_models(student, base, settings["teacher_head"])
+        models = {name: model.to(device) for name, model in built.items()}
     curves: dict[str, list[float]] = {}
-    results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed, curves=curves)
+    results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed, curves=curves, mode=mode,
+                         models=models, precision=precision, loader_workers=settings["loader_workers"])
     curve_frames = {}
     for key, losses in curves.items():
         model, task, benchmark = key.split("/")
@@ -206,8 +253,12 @@ def markdown_report(report: dict[str, Any]) -> str:
                   "known mask and the clean model.", ""]
     b = report["backbone"]
     lines += [f"Backbone `{b['arch']}` at {b['img_size']} px, pretrained `{b['pretrained']}`, checkpoint "
-              f"`{b['checkpoint']}`; {report['images']} held-out images; outliers: robust z of the token norm > "
-              f"{report['outlier_threshold_k']}.", "",
+              f"`{b['checkpoint']}`; {report['images']} images of the `{report.get('split')}` split"
+              + (" (images the student trained on)" if report.get("split") == "train" else " (held out)")
+              + f"; outliers: robust z of the token norm > {report['outlier_threshold_k']}.",
+              "Student: " + (f"the snapshot after epoch {report['student_snapshot']} "
+                             f"(`evaluation.student_snapshot`)." if report.get("student_snapshot") else
+                             "the final student."), "",
               "| features | mean norm | outlier rate | cosine to target (mean) | share with cosine < 0.5 |",
               "|---|---|---|---|---|"]
     for name, stats in report["per_source"].items():

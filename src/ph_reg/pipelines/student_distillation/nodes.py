@@ -31,8 +31,9 @@ def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
 def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
                      params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
                      seed: int) -> tuple[torch.utils.data.Dataset, OnlineTargets | None]:
-    """Cached mode: stored crops and targets. Online mode: fresh crops of the training images (those that
-    data_preparation accepted for the train split) and a teacher that denoises every batch.
+    """Cached mode: stored crops and targets, every epoch one of each training image's
+    ``data_preparation.crops_per_image`` crops, in turn (``TargetPairs``). Online mode: fresh crops of the training
+    images (those that data_preparation accepted for the train split) and a teacher that denoises every batch.
 
     An online image that can no longer be read is replaced by its prepared crop (logged, and counted in the loss
     history's ``substituted_images``), so a bad file never stops an epoch.
@@ -51,14 +52,13 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     indices = images.indices(split=checked.train_split)
     if not indices:
         raise ValueError(f"no prepared image has split={checked.train_split!r}: check data_preparation.val_fraction")
+    crops = image_crops(images, indices)
     if checked.targets == "cached":
         if targets.attrs.get("mode") != "cached":
             raise ValueError("teacher_targets holds no cached targets (it was written in online mode): "
                              "rerun teacher_denoising with the same target mode")
-        return TargetPairs(images, targets, indices, student.mean, student.std), None
-    first_record = {}
-    for i in indices:
-        first_record.setdefault(images.meta(i)["name"], i)
+        return TargetPairs(images, targets, list(crops.values()), student.mean, student.std), None
+    first_record = {name: records[0] for name, records in crops.items()}
     # the source is listed again (in its sorted order); an image gone since preparation trains on its prepared crop
     listed = {name: load for name, load in source_items(data.source, data.max_image_pixels)}
     names = [name for name in listed if name in first_record]
@@ -74,31 +74,55 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     return dataset, online
 
 
+def image_crops(images: ShardReader, indices: list[int]) -> dict[str, list[int]]:
+    """The prepared records of each image among ``indices``, by image name (in store order), each list ordered
+    by crop number: ``data_preparation.crops_per_image`` records per image."""
+    crops: dict[str, list[tuple[int, int]]] = {}
+    for i in indices:
+        meta = images.meta(i)
+        crops.setdefault(meta["name"], []).append((meta.get("crop", 0), i))
+    return {name: [i for _, i in sorted(records)] for name, records in crops.items()}
+
+
 def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
                   params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
-                  seed: int) -> tuple[DenseViT, pd.DataFrame]:
-    """Distill the student on the training split; return it and its per-epoch loss history.
+                  seed: int) -> tuple[DenseViT, pd.DataFrame, dict[str, Any]]:
+    """Distill the student on the training split; return it, its per-epoch loss history and the index of its
+    epoch snapshots (``training.snapshot_every`` / ``snapshot_epochs``, written to ``snapshot_dir`` during training).
 
     SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues).
     """
     from ph_reg.config import student_distillation_params
     from ph_reg.distill import distill
+    from ph_reg.models import trainable_state_dict
+    from ph_reg.student import StudentSnapshots
 
     _, checked = student_distillation_params(backbone, params)
     dataset, online = training_dataset(student, images, targets, backbone, params, teacher_params, data_params, seed)
+    snapshots = None
+    if checked.snapshot_dir is not None:
+        snapshots = StudentSnapshots(checked.snapshot_dir, artifact_config(
+            student, list(trainable_state_dict(student)), backbone, teacher_params, params))
     history = distill(student, dataset, checked.training, seed, checkpoint_dir=checked.checkpoint_dir,
-                      online_targets=online)
-    return student, pd.DataFrame(history)
+                      online_targets=online, snapshots=snapshots)
+    index = snapshots.index() if snapshots is not None else {"folder": None, "snapshots": {}}
+    return student, pd.DataFrame(history), index
+
+
+def artifact_config(student: DenseViT, weight_names: list[str], backbone: dict[str, Any],
+                    teacher_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON config of the exported student and of its snapshots (``ph_reg.load_student`` reads both)."""
+    from ph_reg.student import student_config, teacher_backbone
+
+    return student_config(student.config, params["trainable"], weight_names,
+                          teacher=teacher_backbone(backbone, teacher_params["head"]),
+                          extra={"training": params["training"], "targets": params["targets"]})
 
 
 def export_student(student: DenseViT, backbone: dict[str, Any], teacher_params: dict[str, Any],
                    params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The trainable-weights delta and the JSON config that ``ph_reg.load_student`` rebuilds it from."""
     from ph_reg.models import trainable_state_dict
-    from ph_reg.student import student_config, teacher_backbone
 
     weights = trainable_state_dict(student)
-    config = student_config(student.config, params["trainable"], list(weights),
-                            teacher=teacher_backbone(backbone, teacher_params["head"]),
-                            extra={"training": params["training"], "targets": params["targets"]})
-    return weights, config
+    return weights, artifact_config(student, list(weights), backbone, teacher_params, params)

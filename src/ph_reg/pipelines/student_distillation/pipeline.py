@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(train_student,
                  ["initial_student", "prepared_images", "teacher_targets", "params:backbone",
                   "params:student_distillation", "params:teacher_denoising", "params:data_preparation", "params:seed"],
-                 ["trained_student", "loss_history"], name="train_student"),
+                 ["trained_student", "loss_history", "student_snapshots"], name="train_student"),
             node(export_student,
                  ["trained_student", "params:backbone", "params:teacher_denoising", "params:student_distillation"],
                  ["student_weights", "student_config"], name="export_student"),
