@@ -42,12 +42,13 @@ ENV = {"KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": 
 
 
 def project_copy(target: Path) -> Path:
-    """The project's configuration in a fresh folder (``conf/base`` only: no ``conf/local`` overrides)."""
+    """The project in a fresh folder: its code and ``conf/base`` only (no ``conf/local`` overrides)."""
     target.mkdir(parents=True)
     for name in ("pyproject.toml", ".telemetry"):
         shutil.copy2(ROOT / name, target / name)
     shutil.copytree(ROOT / "conf" / "base", target / "conf" / "base")
     (target / "conf" / "local").mkdir()
+    shutil.copytree(ROOT / "src", target / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return target
 
 
