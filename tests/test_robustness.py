@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ph_reg.config import (PIPELINE_SECTIONS, ConfigError, TTAParams, backbone_params, data_preparation_params,
+from ph_reg.config import (ConfigError, TTAParams, backbone_params, data_preparation_params,
                            student_distillation_params, teacher_denoising_params, validate_parameters)
 from ph_reg.data import (SKIP_REPORT_NAME, PreparationConfig, RandomCrops, SkipReport, StoredImageLoader,
                          UnusableImage, iter_source_images, load_image, prepared_records, source_items)
@@ -441,7 +441,7 @@ def test_shipped_configurations_validate():
     for env in ("paper", "paper_dinov2"):  # real pretrained tags; the Flickr30k folder is not on this machine
         with pytest.raises(FileNotFoundError, match="data_preparation.source: got 'data/01_raw/flickr30k-images'"):
             validate_parameters(params(env))
-        checked = validate_parameters(params(env), PIPELINE_SECTIONS["student_distillation"])
+        checked = validate_parameters(params(env), ("student_distillation", "teacher_denoising"))
         assert checked["student_distillation"].num_registers == 16 and "data_preparation" not in checked
     with pytest.raises(ConfigError, match="student_distillation.targets: got 'cached'; allowed: 'online' while "
                                           "teacher_denoising.mode is 'online'"):
@@ -506,7 +506,7 @@ def test_changed_batch_size_cannot_resume_mid_epoch(tmp_path):
     with pytest.raises(TrainingInterrupted):
         distill(TinyDense(), SignalAt(_dataset(8), (0, 3), signal.SIGINT), config, seed=0, checkpoint_dir=tmp_path,
                 state_fn=_state, progress=False)
-    with pytest.raises(ValueError, match=r"middle of an epoch with other batch settings \{'batch_size': 2\}"):
+    with pytest.raises(ValueError, match=r"student_distillation.training.batch_size: 2 in the checkpoint, 4 now"):
         distill(TinyDense(), _dataset(8), DistillConfig(epochs=2, batch_size=4, resume=True), seed=0,
                 checkpoint_dir=tmp_path, state_fn=_state, load_state_fn=_load, progress=False)
 
@@ -623,10 +623,11 @@ def test_interrupted_denoising_resumes_at_the_first_missing_shard(tmp_path, monk
     with pytest.raises(DatasetError, match="teacher denoising stopped by SIGTERM before image 6 of 7") as caught:
         target.save(denoise_teacher(images, TINY_TIMM, DENOISE, seed=3))
     assert isinstance(caught.value.__cause__, Interrupted)
-    folder = tmp_path / "targets"
-    assert not (folder / "index.json").exists() and not target.exists()  # nothing DVC could take as complete
-    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+    folder, staging = tmp_path / "targets", tmp_path / ".targets.partial"
+    assert not folder.exists() and not target.exists()  # nothing DVC could take as complete
+    # the finished shards wait in the hidden sibling, which becomes the store when the write completes
+    assert sorted(p.name for p in staging.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    finished = {p.name: p.stat().st_mtime_ns for p in staging.glob("shard-*")}
     calls.clear()
     target.save(denoise_teacher(images, TINY_TIMM, DENOISE, seed=3))
     assert calls == [1]  # only image 6: the 6 records of the two finished shards were not recomputed
@@ -672,10 +673,12 @@ def test_failed_shard_write_leaves_no_partial_file_and_names_it(tmp_path, monkey
 
     monkeypatch.setattr(ph_reg.io, "save_file", disk_full)
     records = (({"x": torch.full((2,), float(i))}, {"i": i}) for i in range(5))
-    with pytest.raises(WriteError, match=r"cannot write .*store/shard-00001.safetensors: \[Errno 28\] No space") as err:
+    with pytest.raises(WriteError, match=r"cannot write .*\.store\.partial/shard-00001.safetensors: \[Errno 28\] No "
+                                         r"space") as err:
         write_stream(tmp_path / "store", RecordStream(records, records_per_shard=2))
     assert err.value.errno == errno.ENOSPC and err.value.filename.endswith("shard-00001.safetensors")
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["shard-00000.safetensors"]  # whole shards only
+    assert len(writes) == 2  # the first shard was written whole; the store was never completed
+    assert list(tmp_path.iterdir()) == []  # a write that cannot resume leaves nothing behind
 
 
 def test_failed_writes_keep_the_previous_file(tmp_path, monkeypatch):

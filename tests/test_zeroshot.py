@@ -428,10 +428,11 @@ def test_zero_shot_figure():
     assert heat[:, :20].min() > 0.99 and heat[:, -20:].max() < 0.01  # query 0 ("red") on the left half
     figure = zero_shot_figure(image, {"a": (pred, heat, feats), "b": (pred, heat, torch.randn(1, 4, 6, 8))},
                               class_palette(2), query_name="red", class_names=["red", "blue"])
-    assert isinstance(figure, Figure) and len(figure.axes) == 8
-    shown = figure.axes[1].images[0].get_array()
+    # image, ground truth, legend; prediction, query map, PCA per head; the query map's colour bar
+    assert isinstance(figure, Figure) and len(figure.axes) == 3 + 2 * 3 + 1
+    shown = figure.axes[3].images[0].get_array()
     assert tuple(shown[0, 0]) == tuple(class_palette(2)[0]) and tuple(shown[0, -1]) == tuple(class_palette(2)[1])
-    assert figure.axes[2].get_title() == "a: 'red'"
+    assert figure.axes[4].get_title() == "a: P('red')"
     with pytest.raises(ValueError, match="class_colours"):
         zero_shot_figure(image, {"a": (pred, heat, feats)}, np.zeros((2, 4)))
 

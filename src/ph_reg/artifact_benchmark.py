@@ -315,21 +315,23 @@ def benchmark_figure(images: Tensor, features: Mapping[str, SourceFeatures], pla
                      reference: Tensor | None = None, max_images: int = 4, panel_size: float = 2.2,
                      cmap: str = "viridis") -> Figure:
     """One row per image: the image, then per source its pre-norm token-norm map (one colour scale per source) and,
-    with ``reference``, its cosine-to-clean map; the planted mask is outlined in red on every panel."""
+    with ``reference``, its cosine-to-clean map; the planted mask is outlined on every panel (red on the image and
+    the norm maps, cyan on the cosine maps). Each column's colour bar sits under it, labelled with what it measures."""
     if not features:
         raise ValueError("features must name at least one source")
     pixels = _to_pixels(images)
     n_rows = min(max_images, pixels.shape[0])
     per_source = 2 if reference is not None else 1
     n_cols = 1 + per_source * len(features)
-    fig = Figure(figsize=(panel_size * n_cols, panel_size * n_rows), layout="constrained")
+    fig = Figure(figsize=(panel_size * n_cols, panel_size * n_rows + 0.9), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     mask = planted[:n_rows].cpu().numpy()
     h = mask.shape[1]
     for row in range(n_rows):
         axes[row, 0].imshow(pixels[row])
         _outline(axes[row, 0], mask[row], scale=pixels.shape[1] / h)
-    axes[0, 0].set_title("image\nplanted mask", fontsize=8)
+        axes[row, 0].set_ylabel(f"image {row}", fontsize=8)
+    axes[0, 0].set_title("image\nplanted tokens (red)", fontsize=8)
     for s, (name, feats) in enumerate(features.items()):
         norms = patch_norms(feats.pre_norm[:n_rows]).numpy()
         col = 1 + per_source * s
@@ -337,18 +339,23 @@ def benchmark_figure(images: Tensor, features: Mapping[str, SourceFeatures], pla
         for row in range(n_rows):
             im = axes[row, col].imshow(norms[row], cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
             _outline(axes[row, col], mask[row])
-        fig.colorbar(im, ax=axes[:, col].tolist(), shrink=0.8)
-        axes[0, col].set_title(f"{name}\npre-norm norm", fontsize=8)
+        fig.colorbar(im, ax=axes[:, col].tolist(), location="bottom", fraction=0.12, aspect=12,
+                     label=f"{name}: token norm")
+        axes[0, col].set_title(f"{name}\npre-norm token norm", fontsize=8)
         if reference is not None:
             cos = cosine_map(feats.output[:n_rows], reference[:n_rows]).numpy()
             for row in range(n_rows):
                 im = axes[row, col + 1].imshow(cos[row], cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
                 _outline(axes[row, col + 1], mask[row], color="cyan")
-            fig.colorbar(im, ax=axes[:, col + 1].tolist(), shrink=0.8)
-            axes[0, col + 1].set_title(f"{name}\ncos to clean", fontsize=8)
+            fig.colorbar(im, ax=axes[:, col + 1].tolist(), location="bottom", fraction=0.12, aspect=12,
+                         label=f"{name}: cosine to clean")
+            axes[0, col + 1].set_title(f"{name}\ncosine to clean", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle("Planted-artifact benchmark: " + ", ".join(features) + " against the known artifact tokens "
+                 "(outlined)" + (" and the clean reference (cosine 1 = as clean)" if reference is not None else ""),
+                 fontsize=10)
     return fig
 
 

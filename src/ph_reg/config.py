@@ -12,11 +12,12 @@ import dataclasses
 import difflib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 
@@ -30,14 +31,20 @@ SPLITS = ("train", "val")
 #: shift_frac must lie strictly inside this interval (method.md: shifts of up to half the grid alias).
 SHIFT_FRAC_BOUNDS = (0.0, 0.5)
 SUGGESTIONS = 3
+#: The top-level sections of the parameters; any other top-level key is refused (a misspelt section would else be
+#: ignored, and its section's defaults used without a word).
+SECTIONS = ("seed", "backbone", "data_preparation", "teacher_denoising", "student_distillation", "evaluation")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A parameter with a value that is not allowed; ``key`` is its dotted path in the configuration."""
+    """A parameter with a value that is not allowed; ``key`` is its dotted path in the configuration. ``reason``
+    (when given) replaces the "got ...; allowed: ..." wording: a typed config's own message."""
 
-    def __init__(self, key: str, value: Any, allowed: str):
+    def __init__(self, key: str, value: Any, allowed: str, reason: str | None = None):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid parameter {key}: got {value!r}; allowed: {allowed}")
+        super().__init__(f"invalid parameter {key}: {reason}" if reason is not None else
+                         f"invalid parameter {key}: got {value!r}; allowed: {allowed}")
 
 
 # --- field checks ------------------------------------------------------------------------------------------------
@@ -92,14 +99,34 @@ def _device(key: str, value: Any) -> str:
 
 
 def _known_keys(section: str, values: Mapping[str, Any], known: Sequence[str]) -> None:
+    """Every key of ``values`` is one of ``known``, else a ConfigError naming the dotted key and the close match
+    (``section`` "": the top level of the parameters)."""
     if not isinstance(values, Mapping):
         raise ConfigError(section, values, "a mapping of parameters")
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        hints = {k: difflib.get_close_matches(k, known, 1) for k in unknown}
-        did_you_mean = "; ".join(f"{section}.{k}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
-        raise ConfigError(f"{section}.{unknown[0]}" if len(unknown) == 1 else section, unknown,
+        where = f"{section}." if section else ""
+        hints = {k: difflib.get_close_matches(str(k), known, 1) for k in unknown}
+        did_you_mean = "; ".join(f"{where}{k}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+        raise ConfigError(f"{where}{unknown[0]}" if len(unknown) == 1 else section or "(top level)", unknown,
                           f"the keys {sorted(known)}" + (f" ({did_you_mean})" if did_you_mean else ""))
+
+
+def _typed(key: str, values: Any, build: Callable[[], T], fields: Sequence[str] = ()) -> T:
+    """``build()``: a typed config's own validation (its ``from_dict`` or constructor), its error re-raised as a
+    ConfigError naming the dotted ``key``, or ``key.<field>`` for the first of ``fields`` its message names."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        named = sorted((m.start(), name) for name in fields
+                       if (m := re.search(rf"(?<!\w){re.escape(name)}\b", message)))
+        if named and isinstance(values, Mapping):
+            name = named[0][1]
+            raise ConfigError(f"{key}.{name}", values.get(name), message, reason=message) from None
+        raise ConfigError(key, values, message, reason=message) from None
 
 
 # --- backbone --------------------------------------------------------------------------------------------------
@@ -402,14 +429,6 @@ def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str
     return config, params
 
 
-#: The sections each pipeline reads (for :func:`validate_parameters` before ``kedro run --pipelines ...``).
-PIPELINE_SECTIONS = {
-    "data_preparation": ("data_preparation",),
-    "teacher_denoising": ("teacher_denoising",),
-    "student_distillation": ("student_distillation", "teacher_denoising"),
-}
-
-
 def check_student_snapshot(epoch: Any, params: StudentDistillationParams,
                            key: str = "evaluation.student_snapshot") -> int:
     """``evaluation.student_snapshot`` must name an epoch that the training keeps a snapshot of (checked before
@@ -422,14 +441,223 @@ def check_student_snapshot(epoch: Any, params: StudentDistillationParams,
     return epoch
 
 
-def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | None = None) -> dict[str, Any]:
-    """Check the training sections of a run's parameters (``data_preparation``, ``teacher_denoising``,
-    ``student_distillation``, each with ``backbone``) before anything runs; return the typed sections.
+# --- evaluation ------------------------------------------------------------------------------------------------
 
-    ``sections`` limits the check to those sections (default: every one present; see ``PIPELINE_SECTIONS``). Also
-    checks what ties the sections together: the crop size is a multiple of the patch size, cached student
-    targets need a cached teacher, and ``evaluation.student_snapshot`` names a snapshot the training keeps.
+EVALUATION_KEYS = ("student_snapshot", "split", "max_images", "outlier_k", "batch_size", "figure_images", "device",
+                   "precision", "planted", "zero_shot", "probes")
+EVALUATION_OPTIONAL = ("student_snapshot", "max_images")
+PLANTED_KEYS = ("max_images", "low_cosine", "reference_views")
+ZERO_SHOT_KEYS = ("heads", "tta_views", "text_batch_size", "run", "benchmarks", "figure")
+ZERO_SHOT_BENCHMARK_KEYS = ("dataset", "classes", "settings")
+ZERO_SHOT_FIGURE_KEYS = ("benchmark", "images", "query")
+PROBES_KEYS = ("mode", "loader_workers", "teacher_head", "feature_dtype", "published", "run", "tasks")
+#: The keys of a probe benchmark ``evaluation.probes.tasks.<task>.<benchmark>`` (the first four are required).
+PROBE_BENCHMARK_KEYS = {
+    "segmentation": ("train", "val", "crop_size", "stride", "short_side", "augment", "probe"),
+    "depth": ("train", "val", "crop_size", "stride", "short_side", "flip_tta", "eigen_crop", "augment", "probe"),
+}
+PROBE_BENCHMARK_REQUIRED = ("train", "val", "crop_size", "stride")
+
+
+def _required(section: str, values: Mapping[str, Any], keys: Sequence[str]) -> None:
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise ConfigError(f"{section}.{missing[0]}", None, "", reason=f"missing; {section} needs the keys {list(keys)}")
+
+
+def _name(key: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``allowed``, else a ConfigError with the close match."""
+    if value not in allowed:
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], 1) if isinstance(value, str) else []
+        raise ConfigError(key, value, f"one of {list(allowed)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return value
+
+
+def _names(key: str, value: Any, allowed: Sequence[str], what: str) -> list[str]:
+    """A list of entries of ``allowed`` (a single string counts as a list of one)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(key, value, f"a list of {what}: {list(allowed)}")
+    for entry in value:
+        _name(key, entry, allowed)
+    return list(value)
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _dataset_spec(key: str, spec: Any) -> None:
+    """A ``build_dataset`` spec, checked without reading data: its type, its keys and the arguments it requires."""
+    from .datasets import DATASETS, dataset_arguments, dataset_keys
+
+    if not isinstance(spec, Mapping):
+        raise ConfigError(key, spec, f"a dataset spec: a mapping with 'type' (one of {sorted(DATASETS)}) and the "
+                                     f"dataset's arguments, e.g. {{type: voc, root: data/01_raw/VOCdevkit/VOC2012}}")
+    kind = _name(f"{key}.type", spec.get("type"), sorted(DATASETS))
+    accepted = dataset_keys(DATASETS[kind])
+    _known_keys(key, spec, ["type", *accepted])
+    _typed(key, spec, lambda: dataset_arguments(spec), accepted)
+
+
+def _zero_shot_benchmark(key: str, spec: Any) -> list[str] | None:
+    """One ``evaluation.zero_shot.benchmarks`` entry; returns its queries where known without data (None for
+    ``classes: dataset``)."""
+    from .dense_eval import CLASSES_FROM_DATASET
+    from .zeroshot import BENCHMARKS, ZeroShotSettings, load_class_file, parse_class_lines
+
+    _known_keys(key, spec, ZERO_SHOT_BENCHMARK_KEYS)
+    _required(key, spec, ("dataset", "settings"))
+    _dataset_spec(f"{key}.dataset", spec["dataset"])
+    settings = spec["settings"]
+    _known_keys(f"{key}.settings", settings, _fields(ZeroShotSettings))
+    _typed(f"{key}.settings", settings, lambda: ZeroShotSettings.from_dict(settings), _fields(ZeroShotSettings))
+    classes = spec.get("classes", CLASSES_FROM_DATASET)
+    if isinstance(classes, str):
+        _name(f"{key}.classes", classes, [CLASSES_FROM_DATASET, *sorted(BENCHMARKS)])
+        return None if classes == CLASSES_FROM_DATASET else parse_class_lines(load_class_file(classes))[0]
+    if not isinstance(classes, Sequence) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ConfigError(f"{key}.classes", classes, f"{CLASSES_FROM_DATASET!r} (the dataset's class names), a shipped "
+                                                     f"class file {sorted(BENCHMARKS)} or a list of class lines")
+    return _typed(f"{key}.classes", classes, lambda: parse_class_lines(list(classes)))[0]
+
+
+def _zero_shot(key: str, values: Any) -> None:
+    from .dense_eval import STUDENT_HEAD
+    from .zeroshot import ZERO_SHOT_HEADS
+
+    _known_keys(key, values, ZERO_SHOT_KEYS)
+    _required(key, values, ZERO_SHOT_KEYS)
+    if not _names(f"{key}.heads", values["heads"], (*ZERO_SHOT_HEADS, STUDENT_HEAD), "zero-shot heads"):
+        raise ConfigError(f"{key}.heads", values["heads"], "a non-empty list of heads (run: [] skips zero-shot)")
+    _int(f"{key}.tta_views", values["tta_views"], 1)
+    _int(f"{key}.text_batch_size", values["text_batch_size"], 1)
+    benchmarks = values["benchmarks"] or {}
+    if not isinstance(benchmarks, Mapping):
+        raise ConfigError(f"{key}.benchmarks", benchmarks, "a mapping of benchmark names to {dataset, classes, "
+                                                           "settings}")
+    queries = {name: _zero_shot_benchmark(f"{key}.benchmarks.{name}", spec) for name, spec in benchmarks.items()}
+    run = _names(f"{key}.run", values["run"], list(benchmarks), f"benchmarks defined in {key}.benchmarks")
+    figure = values["figure"]
+    _known_keys(f"{key}.figure", figure, ZERO_SHOT_FIGURE_KEYS)
+    _required(f"{key}.figure", figure, ZERO_SHOT_FIGURE_KEYS)
+    _int(f"{key}.figure.images", figure["images"], 1)
+    if not run:   # no zero-shot evaluation, no figure
+        return
+    benchmark = _name(f"{key}.figure.benchmark", figure["benchmark"], list(benchmarks))
+    known_queries = queries[benchmark]
+    if not isinstance(figure["query"], str) or (known_queries is not None and figure["query"] not in known_queries):
+        raise ConfigError(f"{key}.figure.query", figure["query"],
+                          f"one of the queries of {key}.benchmarks.{benchmark}: {known_queries}" if known_queries
+                          else "a class name of the benchmark's dataset")
+
+
+def _probe_benchmark(key: str, task: str, spec: Any, patch: int | None, batch_size: int, feature_dtype: str) -> None:
+    """One ``evaluation.probes.tasks.<task>.<benchmark>`` entry: its datasets, the crop, stride and short side as
+    the feature cache checks them (with the backbone's patch size), the online augmentation and the probe recipe."""
+    from types import SimpleNamespace
+
+    from .probes.cache import SPLIT_KINDS, TRAIN_CROPS, _check_args
+    from .probes.depth import DepthProbeConfig
+    from .probes.online import AUGMENTATIONS, augmentation_for
+    from .probes.segmentation import SegmentationProbeConfig
+
+    keys = PROBE_BENCHMARK_KEYS[task]
+    _known_keys(key, spec, keys)
+    _required(key, spec, PROBE_BENCHMARK_REQUIRED)
+    for split in ("train", "val"):
+        _dataset_spec(f"{key}.{split}", spec[split])
+    _int(f"{key}.crop_size", spec["crop_size"], 1)
+    _optional_int(f"{key}.stride", spec["stride"], 1)
+    _optional_int(f"{key}.short_side", spec.get("short_side"), 1)
+    for flag in ("flip_tta", "eigen_crop"):
+        if flag in spec:
+            _bool(f"{key}.{flag}", spec[flag])
+    model = SimpleNamespace(patch_size=patch or 1)   # the feature cache's own checks, with the backbone's patch size
+    for kind in SPLIT_KINDS:
+        _typed(key, spec, lambda: _check_args(model, spec["crop_size"], spec["stride"] if kind == "val" else None,
+                                              kind, batch_size, spec.get("short_side"), feature_dtype,
+                                              TRAIN_CROPS[0]), keys)
+    augment = spec.get("augment")
+    if augment is not None:
+        _known_keys(f"{key}.augment", augment, _fields(AUGMENTATIONS[task]))
+    _typed(f"{key}.augment", augment or {}, lambda: augmentation_for(task, spec), _fields(AUGMENTATIONS[task]))
+    recipe = {"segmentation": SegmentationProbeConfig, "depth": DepthProbeConfig}[task]
+    probe = spec.get("probe") or {}
+    _known_keys(f"{key}.probe", probe, _fields(recipe))
+    _typed(f"{key}.probe", probe, lambda: recipe.from_dict(probe), _fields(recipe))
+
+
+def _probes(key: str, values: Any, backbone: BackboneConfig, batch_size: int) -> None:
+    from .dense_eval import PROBE_TASKS, PUBLISHED_TABLE2
+    from .probes.cache import FEATURE_DTYPES
+    from .probes.online import PROBE_MODES
+
+    _known_keys(key, values, PROBES_KEYS)
+    _required(key, values, [k for k in PROBES_KEYS if k != "published"])
+    _choice(f"{key}.mode", values["mode"], PROBE_MODES)
+    _int(f"{key}.loader_workers", values["loader_workers"], 0)
+    _name(f"{key}.teacher_head", values["teacher_head"], HEADS[backbone.family])
+    feature_dtype = _name(f"{key}.feature_dtype", values["feature_dtype"], sorted(FEATURE_DTYPES))
+    if values.get("published") is not None:
+        _name(f"{key}.published", values["published"], sorted(PUBLISHED_TABLE2))
+    tasks = values["tasks"] or {}
+    _known_keys(f"{key}.tasks", tasks, PROBE_TASKS)
+    patch = patch_size(backbone)
+    defined = []
+    for task, benchmarks in tasks.items():
+        if not isinstance(benchmarks or {}, Mapping):
+            raise ConfigError(f"{key}.tasks.{task}", benchmarks, "a mapping of benchmark names to probe benchmarks")
+        for name, spec in (benchmarks or {}).items():
+            _probe_benchmark(f"{key}.tasks.{task}.{name}", task, spec, patch, batch_size, feature_dtype)
+            defined.append(f"{task}/{name}")
+    _names(f"{key}.run", values["run"], defined, f"'<task>/<benchmark>' entries of {key}.tasks")
+
+
+def evaluation_params(values: Mapping[str, Any], backbone: BackboneConfig, section: str = "evaluation"
+                      ) -> dict[str, Any]:
+    """Validate the ``evaluation`` section for ``backbone`` (the evaluated base model) without reading any data:
+    every key (a typo gets the close match), its type and allowed values; each zero-shot benchmark (its dataset
+    spec, classes and ``ZeroShotSettings``); each probe benchmark (its dataset specs, the crop, stride and short
+    side as the feature cache checks them, the online ``augment`` and the ``probe`` recipe:
+    ``SegmentationProbeConfig`` / ``DepthProbeConfig``); and that every ``run`` entry and the zero-shot figure
+    name a defined benchmark. The typed configs' own ``from_dict`` checks do the work, their errors re-raised with
+    the dotted key. Returns the section as a dict (the nodes read it so)."""
+    from .utils import PRECISIONS
+
+    _known_keys(section, values, EVALUATION_KEYS)
+    _required(section, values, [k for k in EVALUATION_KEYS if k not in EVALUATION_OPTIONAL])
+    _optional_int(f"{section}.student_snapshot", values.get("student_snapshot"), 1)
+    _choice(f"{section}.split", values["split"], SPLITS)
+    _optional_int(f"{section}.max_images", values.get("max_images"), 1)
+    _number(f"{section}.outlier_k", values["outlier_k"], 0.0, float("inf"), closed=False)
+    batch_size = _int(f"{section}.batch_size", values["batch_size"], 1)
+    _int(f"{section}.figure_images", values["figure_images"], 1)
+    _device(f"{section}.device", values["device"])
+    _choice(f"{section}.precision", values["precision"], PRECISIONS)
+    planted = values["planted"]
+    _known_keys(f"{section}.planted", planted, PLANTED_KEYS)
+    _required(f"{section}.planted", planted, PLANTED_KEYS)
+    _optional_int(f"{section}.planted.max_images", planted["max_images"], 1)
+    _number(f"{section}.planted.low_cosine", planted["low_cosine"], -1.0, 1.0)
+    _int(f"{section}.planted.reference_views", planted["reference_views"], 1)
+    _zero_shot(f"{section}.zero_shot", values["zero_shot"])
+    _probes(f"{section}.probes", values["probes"], backbone, batch_size)
+    return dict(values)
+
+
+def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check a run's parameters before anything runs; return the typed sections.
+
+    Every top-level key must be one of ``SECTIONS`` (a misspelt section is refused with the close match). The
+    sections ``data_preparation``, ``teacher_denoising``, ``student_distillation`` and ``evaluation`` (each with
+    ``backbone``) are checked whole; ``sections`` limits the check to those (default: every one present; the
+    validation hook passes the sections its pipeline's nodes read). Also checks what ties the sections together:
+    the crop size is a multiple of the patch size, cached student targets need a cached teacher, and
+    ``evaluation.student_snapshot`` names a snapshot the training keeps.
     """
+    _known_keys("", params, SECTIONS)
+    if "seed" in params:
+        _int("seed", params["seed"], 0)
     wanted = [name for name in (sections if sections is not None else params) if name in params]
     backbone = params.get("backbone")
     if backbone is None:
@@ -449,8 +677,11 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
         evaluation = params.get("evaluation")
         if isinstance(evaluation, Mapping) and evaluation.get("student_snapshot") is not None:
             check_student_snapshot(evaluation["student_snapshot"], distill_params)
-    if "data_preparation" in result:
+    if "data_preparation" in result or "evaluation" in wanted:
         config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
-        check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,
-                         patch_size(config), config.arch)
+        if "data_preparation" in result:
+            check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,
+                             patch_size(config), config.arch)
+        if "evaluation" in wanted:
+            result["evaluation"] = evaluation_params(params["evaluation"], config)
     return result

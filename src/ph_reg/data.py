@@ -49,6 +49,11 @@ SKIP_REPORT_NAME = "skipped_images.json"
 log = logging.getLogger(__name__)
 
 
+class ImageSourceError(ValueError):
+    """The image source cannot be prepared as configured (no image files, no usable image, or a bad file under
+    ``on_error: raise``); the message names the folder or file and what to change."""
+
+
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import skimage.data
@@ -119,18 +124,19 @@ def _to_rgb_image(array: np.ndarray) -> Image.Image:
 
 def list_folder_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """``(images, others)`` under ``folder`` (recursive, sorted): files with an image extension (any case) and the
-    rest. Clear errors for a missing folder or one without images."""
+    rest. A dangling symbolic link counts as a file (:func:`load_image` rejects it with the reason). Clear errors for
+    a missing folder or one without images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"image source folder not found: {folder} (set data_preparation.source to a folder of images, "
             f"or to {BUILTIN_SOURCE!r} for the photos shipped with the installed packages)"
         )
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
-        raise ValueError(f"image source folder {folder} holds no images: none of its {len(files)} files has one of "
-                         f"the extensions {IMAGE_EXTENSIONS} (in any case)")
+        raise ImageSourceError(f"image source folder {folder} holds no images: none of its {len(files)} files has "
+                               f"one of the extensions {IMAGE_EXTENSIONS} (in any case)")
     return images, [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
 
 
@@ -203,6 +209,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
     memory. ``max_pixels=None`` disables the check.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UnusableImage(f"dangling symbolic link: its target {os.readlink(path)} does not exist")
     try:
         if path.stat().st_size == 0:
             raise UnusableImage("empty file (0 bytes)")
@@ -332,8 +340,8 @@ def iter_source_images(source: str, min_side: int = 1, on_error: str = "skip", r
             yield name, image
             continue
         if on_error == "raise":
-            raise ValueError(f"cannot use image {name!r} from {source}: {reason} "
-                             f"(set data_preparation.on_error: skip to leave such files out and list them)")
+            raise ImageSourceError(f"cannot use image {name!r} from {source}: {reason} "
+                                   f"(set data_preparation.on_error: skip to leave such files out and list them)")
         log.warning("skipping image %s: %s", name, reason)
         if report is not None:
             report.skip(name, reason)
@@ -415,8 +423,8 @@ def prepared_records(config: PreparationConfig, seed: int, report: SkipReport | 
             yield {"image": patch}, {"name": name, "crop": crop, "top": top, "left": left, "split": split}
     if count == 0:
         reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in report.skipped[:QUOTED_REASONS])
-        raise ValueError(f"image source {config.source!r} yielded no usable image ({report.summary()})"
-                         + (f": {reasons}" if reasons else ""))
+        raise ImageSourceError(f"image source {config.source!r} yielded no usable image ({report.summary()})"
+                               + (f": {reasons}" if reasons else ""))
     log.info("data preparation: %s; reasons in %s of the prepared-image store", report.summary(), SKIP_REPORT_NAME)
 
 

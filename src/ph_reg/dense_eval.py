@@ -86,8 +86,10 @@ def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequen
 
 def zero_shot_figures(student: nn.Module, base: BackboneConfig, heads: Sequence[str], benchmark: Mapping[str, Any],
                       images: int, query: str, tta_views: int = 10, seed: int = 0,
-                      device: torch.device | None = None, precision: str = DEFAULT_PRECISION) -> dict[str, Figure]:
-    """Per image: every head side by side with its prediction, the heatmap of ``query`` and a PCA map."""
+                      device: torch.device | None = None, precision: str = DEFAULT_PRECISION,
+                      name: str | None = None) -> dict[str, Figure]:
+    """Per image: the image, its ground truth and the colour-to-class legend, then every head with its prediction,
+    the probability map of ``query`` and a PCA map (``name``: the benchmark's name, for the titles)."""
     device = device or torch.device("cpu")
     dataset = build_dataset(benchmark["dataset"])
     queries, query_to_class = parse_class_lines(class_lines(benchmark.get("classes", CLASSES_FROM_DATASET), dataset))
@@ -107,10 +109,16 @@ def zero_shot_figures(student: nn.Module, base: BackboneConfig, heads: Sequence[
                 maps[i][head] = zero_shot_maps(dense_fn, dataset[i].image, text, query_to_class, num_classes,
                                                settings, queries.index(query), model.mean, model.std)
     colours = class_palette(num_classes)
-    names = getattr(dataset, "class_names", None) or None
-    return {f"zero_shot_{i:02d}.png": zero_shot_figure(dataset[i].image, maps[i], colours, query_name=query,
-                                                        class_names=names)
-            for i in maps}
+    names = list(getattr(dataset, "class_names", None) or [])
+    if len(names) != num_classes:   # a class file that is not the dataset's names: each class's first query
+        names = [queries[query_to_class.index(c)] for c in range(num_classes)]
+    figures = {}
+    for i in maps:
+        sample = dataset[i]
+        title = f"Zero-shot segmentation, {name or dataset.name} image {i} ({sample.name})"
+        figures[f"zero_shot_{i:02d}.png"] = zero_shot_figure(sample.image, maps[i], colours, query_name=query,
+                                                             class_names=names, label=sample.label, title=title)
+    return figures
 
 
 # ---------------------------------------------------------------- linear probes (Table 2)

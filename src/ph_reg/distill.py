@@ -11,12 +11,13 @@ one intact. Non-finite batches are skipped and counted; more than ``max_nonfinit
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,13 +39,28 @@ if TYPE_CHECKING:
 
 CHECKPOINT_NAME = "last.ckpt"
 TARGET_MODES = ("cached", "online")
-#: Settings a checkpoint taken in the middle of an epoch must share with the resumed run (they fix the batches).
-BATCH_LAYOUT_KEYS = ("batch_size", "accumulate_grad_batches", "devices", "num_nodes")
+TRAINING_PREFIX = "student_distillation.training"
+#: The settings that may differ between a checkpoint and the run that resumes from it, because they change neither
+#: the batches nor the numbers: ``num_workers`` only reads the data (the batches are fixed by the seed), ``resume``
+#: and ``checkpoint_every`` decide whether to load and when to save, ``max_nonfinite_batches`` when to give up, and
+#: the rest where and how artifacts are stored. Every other setting a checkpoint records (the training config, the
+#: seed, the number of training images, the world size, the resolved precision and the ``settings`` the caller
+#: passes: backbone, student, teacher, data) must be equal, or the resume is refused (``ResumeMismatchError``).
+RESUME_FREE_SETTINGS = (f"{TRAINING_PREFIX}.num_workers", f"{TRAINING_PREFIX}.resume",
+                        f"{TRAINING_PREFIX}.checkpoint_every", f"{TRAINING_PREFIX}.max_nonfinite_batches",
+                        "student_distillation.checkpoint_dir", "teacher_denoising.resume",
+                        "teacher_denoising.records_per_shard", "data_preparation.records_per_shard")
+NOT_RECORDED = "(not recorded)"
 log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Interrupted):
     """Training stopped on SIGINT/SIGTERM; the checkpoint holds the exact position (see ``resume``)."""
+
+
+class ResumeMismatchError(ValueError):
+    """``resume: true`` with a checkpoint trained under settings that differ from the run's in something that
+    changes the result; the message names each key with its value in the checkpoint and now."""
 
 
 class NonFiniteBatchesError(FloatingPointError):
@@ -340,7 +356,8 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
             progress: bool = True,
             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
             online_targets: OnlineTargets | None = None,
-            snapshots: StudentSnapshots | None = None) -> list[dict[str, float]]:
+            snapshots: StudentSnapshots | None = None,
+            settings: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
     """Train the student's trainable parameters; return one history row per epoch. The student is updated in place.
 
     ``dataset[(epoch, i)]`` yields ``(image, target)`` (cached mode) or ``(image, i)`` with ``online_targets``
@@ -352,6 +369,11 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     ``config.drop_last`` leaves out each epoch's last incomplete batch (resumes still replay the same batches).
     ``snapshots`` keeps ``state_fn(student)`` after each of ``config.snapshot_epoch_numbers()`` (a run that starts
     from its first epoch first removes the snapshots of an earlier run).
+
+    Every checkpoint records the training config and :func:`run_settings` (the seed, the number of training images,
+    the world size, the resolved precision and ``settings``: whatever else the result depends on, e.g. the
+    backbone, student, teacher and data sections). ``config.resume`` refuses a checkpoint whose records differ from
+    the run's in anything but ``RESUME_FREE_SETTINGS`` (:func:`check_resume`), naming each key.
     """
     from .models import load_trainable_state_dict, trainable_state_dict
 
@@ -362,7 +384,7 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     external = _launched_externally()
     spawn = getattr(fabric.strategy, "launcher", None) is not None and not external
     args = (student, dataset, asdict(config), seed, checkpoint_dir, state_fn, load_state_fn, progress, on_epoch_end,
-            online_targets, spawn, snapshots)
+            online_targets, spawn, snapshots, settings)
     if spawn:
         payload, history = fabric.launch(_train, *args)  # spawned ranks; rank 0's result comes back
         load_state_fn(student, safetensors.torch.load(payload))
@@ -382,13 +404,44 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             raise WriteError(path, error) from error
 
 
-def _check_batch_layout(saved: dict[str, Any], config: DistillConfig, checkpoint: Path) -> None:
-    changed = {k: (saved.get(k), getattr(config, k)) for k in BATCH_LAYOUT_KEYS if saved.get(k) != getattr(config, k)}
+def _plain(value: Any) -> Any:
+    """``value`` as JSON has it (tuples as lists, paths as strings), so that saved and current settings compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every setting that differs, leaving out ``RESUME_FREE_SETTINGS``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(k, NOT_RECORDED), new.get(k, NOT_RECORDED), f"{key}.{k}" if key else k)]
+    return [] if old == new or key in RESUME_FREE_SETTINGS else [(key, old, new)]
+
+
+def run_settings(config: DistillConfig, seed: int, images: int, world: int,
+                 settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint records beside its training config, to check a resume against: the seed, the number of
+    training images, the world size and the resolved precision (with ``auto``, the device decides it), and the
+    caller's ``settings`` (the node passes the backbone, student, teacher and data sections)."""
+    return _plain({**(settings or {}), "seed": seed, "number of training images": images, "world size": world,
+                   "precision (resolved)": _precision(config)})
+
+
+def check_resume(state: Mapping[str, Any], config: DistillConfig, settings: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume from ``checkpoint`` (a ``ResumeMismatchError``) when it was trained under settings that
+    change the result: its training config or its recorded run settings differ from the run's (apart from
+    ``RESUME_FREE_SETTINGS``)."""
+    changed = _differences(_plain(state["config"]), _plain(asdict(config)), TRAINING_PREFIX)
+    if state.get("settings") is None:
+        log.warning("%s was written before checkpoints recorded their run settings (seed, backbone, student, teacher, "
+                    "data): only %s is compared for the resume", checkpoint, TRAINING_PREFIX)
+    else:
+        changed += _differences(state["settings"], settings)
     if changed:
-        raise ValueError(
-            f"{checkpoint} was taken in the middle of an epoch with other batch settings "
-            f"{ {k: v[0] for k, v in changed.items()} } than now { {k: v[1] for k, v in changed.items()} }: restore "
-            f"them to resume (student_distillation.training), or delete the checkpoint to start over")
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
+        raise ResumeMismatchError(
+            f"cannot resume from {checkpoint}: it was trained with settings that differ from this run's and change "
+            f"the result: {listed}. Restore them to resume, or start over: delete {checkpoint} or set "
+            f"{TRAINING_PREFIX}.resume: false. (Only these may differ on resume: {', '.join(RESUME_FREE_SETTINGS)}.)")
 
 
 def _last_step_epoch(history: Sequence[dict[str, Any]], position: dict[str, Any] | None) -> int | None:
@@ -400,9 +453,10 @@ def _last_step_epoch(history: Sequence[dict[str, Any]], position: dict[str, Any]
 
 
 def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_fn, load_state_fn, progress,
-           on_epoch_end, online_targets, spawned, snapshots=None):
+           on_epoch_end, online_targets, spawned, snapshots=None, settings=None):
     config = DistillConfig.from_dict(config_values)
     world = fabric.world_size
+    recorded = run_settings(config, seed, len(dataset), world, settings)
     if fabric.is_global_zero:
         log.info("distillation: global batch size %d = %d per device x %d devices x %d accumulated micro-batches",
                  config.batch_size * world * config.accumulate_grad_batches, config.batch_size, world,
@@ -422,9 +476,8 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if config.resume and checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        check_resume(state, config, recorded, checkpoint)
         position = state.get("position")
-        if position is not None:
-            _check_batch_layout(state["config"], config, checkpoint)
         load_state_fn(student, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -467,7 +520,7 @@ def _train(fabric, student, dataset, config_values, seed, checkpoint_dir, state_
     def checkpoint_state(last_done_epoch: int, where: dict[str, Any] | None) -> dict[str, Any]:
         return {"weights": state_fn(student), "optimizer": optimizer.state_dict(),
                 "rng": _rng_state(), "epoch": last_done_epoch, "history": history, "config": asdict(config),
-                "position": where, "nonfinite_batches": nonfinite_total}
+                "settings": recorded, "position": where, "nonfinite_batches": nonfinite_total}
 
     def agreed(flag: bool) -> bool:
         if world == 1:

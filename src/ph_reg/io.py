@@ -5,9 +5,13 @@ record, its shard, its row and its metadata. Records are streamed in and out, so
 31,783 images without ever holding them all in memory. Every file is written to a temporary name and renamed,
 and the index is written last: a store with an index is complete.
 
+A new version of a store is written into a hidden sibling folder (``.<name>.partial``) and swapped in for the store
+only once it is complete, so a failed or interrupted write leaves the previous store, and the reports written with
+it, exactly as they were (:func:`replace_folder`).
+
 Each shard also carries, in its safetensors header, its own records and a fingerprint of the store's attributes.
-An interrupted write (SIGTERM, ``kill -9``, a full disk) therefore leaves whole shards that a later write with the
-same fingerprint keeps: it resumes at the first missing shard (:func:`write_stream`).
+An interrupted write (SIGTERM, ``kill -9``, a full disk) therefore leaves whole shards in the sibling folder that a
+later resuming write with the same fingerprint keeps: it resumes at the first missing shard (:func:`write_stream`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -31,8 +36,9 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-{:05d}.safetensors"
-SHARD_GLOB = "shard-*.safetensors"
 STORE_FORMAT = "ph-reg-shards/2"  # 2: tensors stored per record ("<row>/<key>")
+STAGING_NAME = ".{}.partial"   # the hidden sibling a new version of a store folder is written into
+REPLACED_NAME = ".{}.replaced"  # the previous version, between the two renames that swap a new version in
 SHARD_HEADER_KEY = "ph_reg_shard"  # safetensors metadata: {"fingerprint", "keys", "records"} of that shard
 DEFAULT_RECORDS_PER_SHARD = 256
 Record = tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]  # (tensors, metadata) of one store record
@@ -125,6 +131,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     An ``OSError`` while writing becomes a :class:`WriteError` naming ``path``; the temporary file is removed, so
     no partial file is ever left under ``path``. Temporaries left by a killed earlier writer are removed first.
+    The file gets the mode ``open()`` would give it (0666 less the umask), however the block wrote it.
     """
     path = Path(path)
     try:
@@ -132,11 +139,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, DEFAULT_FILE_MODE & ~_umask())  # mkstemp's 0600 would hide artifacts from co-workers
+        mode = DEFAULT_FILE_MODE & ~_umask()  # mkstemp's 0600 would hide artifacts from co-workers
+        os.chmod(tmp, mode)
     except OSError as error:
         raise WriteError(path, error) from error
     try:
         yield Path(tmp)
+        os.chmod(tmp, mode)  # again: a writer may have recreated the file (safetensors' save_file leaves 0600)
         os.replace(tmp, path)
     except WriteError:
         raise
@@ -193,22 +202,90 @@ def _shard_header(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _real_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, or the folder a symbolic link at ``folder`` points to (its new version is written beside that)."""
+    folder = Path(folder)
+    return folder.resolve() if folder.is_symlink() else folder
+
+
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """The hidden sibling into which a new version of ``folder`` is written before it replaces ``folder``."""
+    folder = _real_folder(folder)
+    return folder.with_name(STAGING_NAME.format(folder.name))
+
+
+def _restore_interrupted_swap(folder: Path) -> None:
+    """A process killed between the two renames of :func:`_swap_in` left ``folder`` missing and its previous
+    version under the replaced name: put that back."""
+    replaced = folder.with_name(REPLACED_NAME.format(folder.name))
+    if replaced.is_dir() and not folder.exists():
+        os.replace(replaced, folder)
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete folder ``staging`` in place of ``folder``; the previous version is deleted only after."""
+    replaced = folder.with_name(REPLACED_NAME.format(folder.name))
+    try:
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        if folder.exists():
+            os.replace(folder, replaced)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            _restore_interrupted_swap(folder)
+            raise
+    except OSError as error:
+        raise WriteError(folder, error) from error
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _clear(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replace_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``folder`` to write a new version of it into; only if the block succeeds
+    does that version replace ``folder``. A failed block leaves ``folder`` exactly as it was (or absent) and
+    removes the unfinished version."""
+    folder = _real_folder(folder)
+    staging = staging_folder(folder)
+    _restore_interrupted_swap(folder)
+    if staging.exists() or staging.is_symlink():
+        _clear(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, folder)
+
+
 class ShardWriter:
     """Stream records (dicts of tensors; shapes may differ between records) into a shard store.
 
-    Record ``r`` of a shard stores its tensors under the keys ``"<r>/<name>"``. Use as a context manager; the
-    index is written only when the block exits without error, and an unfinished last shard is dropped.
+    Record ``r`` of a shard stores its tensors under the keys ``"<r>/<name>"``. Use as a context manager. The new
+    store is written into the hidden sibling :attr:`staging` and replaces ``folder`` only when the block exits
+    without error (the index is written last, an unfinished last shard is dropped); until then ``folder`` keeps its
+    previous version, and a failed write leaves it untouched.
 
     With ``resume=True`` the finished shards of an earlier, interrupted write with the same attributes and
-    ``records_per_shard`` are kept: ``len(writer)`` is then the number of records already stored, and the caller
-    adds the records from there on. Otherwise the store is rewritten from scratch.
+    ``records_per_shard`` are kept (in :attr:`staging`, which a failed resumable write leaves in place):
+    ``len(writer)`` is then the number of records already stored, and the caller adds the records from there on.
+    Otherwise the store is written from scratch and a failed write removes its unfinished shards.
     """
 
     def __init__(self, folder: str | os.PathLike, records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
                  attrs: Mapping[str, Any] | None = None, resume: bool = False):
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-        self.folder = Path(folder)
+        self.folder = _real_folder(folder)
+        self.staging = staging_folder(self.folder)
         self.records_per_shard = records_per_shard
         self.attrs = dict(attrs or {})
         self.resume = resume
@@ -221,23 +298,23 @@ class ShardWriter:
         self._keys: tuple[str, ...] | None = None
 
     def __enter__(self) -> "ShardWriter":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / INDEX_NAME).unlink(missing_ok=True)  # an incomplete rewrite must not look complete
+        _restore_interrupted_swap(self.folder)
+        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+            _clear(self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
         if self.resume:
             self._keep_finished_shards()
         keep = set(self._shards)
-        for old in self.folder.glob(SHARD_GLOB):
+        for old in self.staging.iterdir():  # everything else an earlier write left: other shards, reports, index
             if old.name not in keep:
-                old.unlink()
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+                _clear(old)
         return self
 
     def _keep_finished_shards(self) -> None:
         """Adopt the consecutive shards 0, 1, ... whose header matches this store's fingerprint."""
         while True:
             name = SHARD_PATTERN.format(len(self._shards))
-            header = _shard_header(self.folder / name)
+            header = _shard_header(self.staging / name)
             if header is None or header.get("fingerprint") != self.fingerprint:
                 return
             keys = tuple(header["keys"])
@@ -272,20 +349,23 @@ class ShardWriter:
             return
         name = SHARD_PATTERN.format(len(self._shards))
         header = {"fingerprint": self.fingerprint, "keys": list(self._keys or ()), "records": self._pending_entries}
-        save_tensors(self.folder / name, self._pending, metadata={SHARD_HEADER_KEY: json.dumps(header)})
+        save_tensors(self.staging / name, self._pending, metadata={SHARD_HEADER_KEY: json.dumps(header)})
         self._shards.append(name)
         self._entries.extend(self._pending_entries)
         self._pending, self._pending_entries, self._rows = {}, [], 0
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            if not self.resume:  # nothing a later write could use
+                shutil.rmtree(self.staging, ignore_errors=True)
             return
         self._flush()
         write_json(
-            self.folder / INDEX_NAME,
+            self.staging / INDEX_NAME,
             {"format": STORE_FORMAT, "attrs": self.attrs, "keys": list(self._keys or ()), "shards": self._shards,
              "records": self._entries},
         )
+        _swap_in(self.staging, self.folder)
 
 
 def write_shards(folder: str | os.PathLike, records: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
@@ -374,18 +454,19 @@ def write_stream(folder: str | os.PathLike, stream: RecordStream,
     """Write a :class:`RecordStream` into a shard store; return the number of records stored.
 
     A stream with ``records_from`` resumes: the finished shards of an interrupted write with the same attributes
-    are kept, and only the records after them are computed.
+    are kept, and only the records after them are computed. The reports are written with the shards, so the store
+    and its reports are replaced together, and only when the write succeeds (:class:`ShardWriter`).
     """
     folder = Path(folder)
     resume = stream.records_from is not None
     with ShardWriter(folder, stream.records_per_shard or records_per_shard, stream.attrs, resume=resume) as writer:
         done = len(writer)
         if done:
-            log.info("%s: kept %d finished shards (%d records) of an interrupted run; continuing from record %d",
-                     folder, writer.finished_shards, done, done)
+            log.info("%s: kept %d finished shards (%d records) of an interrupted run (in %s); continuing from "
+                     "record %d", folder, writer.finished_shards, done, writer.staging, done)
         records = stream.records_from(done) if done else stream.records
         for tensors, meta in records:
             writer.add(tensors, meta)
         for name, make_report in stream.reports.items():
-            write_json(folder / name, make_report())
+            write_json(writer.staging / name, make_report())
     return len(writer)

@@ -34,11 +34,14 @@ DATASETS: dict[str, type[DenseDataset]] = {
 }
 
 
-def build_dataset(spec: Mapping) -> DenseDataset:
-    """A dataset from a config mapping: ``{"type": <one of DATASETS>, **constructor arguments}``.
+def dataset_keys(cls: type[DenseDataset]) -> list[str]:
+    """The constructor arguments of a dataset class: the keys its spec may have besides ``type``."""
+    return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
 
-    Example: ``{"type": "pascal_context", "root": "data/VOCdevkit/VOC2010", "split": "val", "num_classes": 59}``.
-    """
+
+def dataset_arguments(spec: Mapping) -> tuple[type[DenseDataset], dict]:
+    """The class and constructor arguments of a dataset spec, checked without reading any data: a known ``type``,
+    only keys the constructor accepts, and every argument it requires."""
     if not isinstance(spec, Mapping) or "type" not in spec:
         raise ValueError(f"dataset spec must be a mapping with a 'type' key (one of {sorted(DATASETS)}), got {spec!r}")
     kwargs = dict(spec)
@@ -46,10 +49,23 @@ def build_dataset(spec: Mapping) -> DenseDataset:
     if kind not in DATASETS:
         raise ValueError(f"dataset spec: unknown type {kind!r}; expected one of {sorted(DATASETS)}")
     cls = DATASETS[kind]
-    accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    accepted = dataset_keys(cls)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"dataset spec for {kind!r}: unknown keys {unknown}; accepted keys are {accepted}")
+    try:
+        inspect.signature(cls.__init__).bind(None, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"dataset spec for {kind!r}: {error}; accepted keys are {accepted}") from None
+    return cls, kwargs
+
+
+def build_dataset(spec: Mapping) -> DenseDataset:
+    """A dataset from a config mapping: ``{"type": <one of DATASETS>, **constructor arguments}``.
+
+    Example: ``{"type": "pascal_context", "root": "data/VOCdevkit/VOC2010", "split": "val", "num_classes": 59}``.
+    """
+    cls, kwargs = dataset_arguments(spec)
     return cls(**kwargs)
 
 
@@ -71,6 +87,8 @@ __all__ = [
     "VOCSegmentation",
     "apply_eigen_crop_mask",
     "build_dataset",
+    "dataset_arguments",
+    "dataset_keys",
     "eigen_crop_mask",
     "render_scene",
     "sample_scene",

@@ -4,7 +4,6 @@ names its file (:class:`ph_reg.io.WriteError`)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,9 @@ if TYPE_CHECKING:
 class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
     """A folder of safetensors shards plus ``index.json``. Saves a streamed ``RecordStream``; loads lazily.
 
-    A stream with ``records_from`` resumes an interrupted save: finished shards are kept and their records are
-    not computed again (:func:`ph_reg.io.write_stream`).
+    The new store (with the stream's reports) replaces the old one only once it is complete: a failed save leaves
+    the previous store as it was. A stream with ``records_from`` resumes an interrupted save: finished shards are
+    kept and their records are not computed again (:func:`ph_reg.io.write_stream`).
     """
 
     def __init__(self, path: str, records_per_shard: int = 256, metadata: dict[str, Any] | None = None):
@@ -97,7 +97,8 @@ class JSONDataset(AbstractDataset[Any, Any]):
 class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "dict[str, ShardReader]"]):
     """Named shard stores in sub-folders of one folder (e.g. ``teacher/segmentation/voc21/train``).
 
-    Saving replaces the whole collection; each store is streamed and complete once its index is written.
+    Saving replaces the whole collection, and only once every store of the new one is complete: a failed save
+    leaves the previous collection as it was (:func:`ph_reg.io.replace_folder`).
     """
 
     def __init__(self, path: str, records_per_shard: int = 64, metadata: dict[str, Any] | None = None):
@@ -114,16 +115,15 @@ class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "di
                 for index in sorted(self._path.rglob("index.json"))}
 
     def save(self, data: dict[str, RecordStream]) -> None:
-        from ph_reg.io import RecordStream, write_shards
+        from ph_reg.io import RecordStream, replace_folder, write_shards
 
         for name, stream in data.items():
             if not isinstance(stream, RecordStream):
                 raise DatasetError(f"{self._path}/{name}: expected a ph_reg.io.RecordStream, got {type(stream).__name__}")
-        if self._path.exists():
-            shutil.rmtree(self._path)
-        for name, stream in data.items():
-            write_shards(self._path / name, stream.records, stream.records_per_shard or self._records_per_shard,
-                         stream.attrs)
+        with replace_folder(self._path) as staging:
+            for name, stream in data.items():
+                write_shards(staging / name, stream.records, stream.records_per_shard or self._records_per_shard,
+                             stream.attrs)
 
     def _exists(self) -> bool:
         return self._path.is_dir() and any(self._path.rglob("index.json"))

@@ -12,6 +12,8 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 RUN_INFO_DIR = Path("data/run_info")
+PARAMS_PREFIX = "params:"
+ALL_PARAMETERS = "parameters"   # the Kedro input that hands a node every parameter
 RECORDED_PACKAGES = ("ph-reg", "torch", "torchvision", "timm", "open_clip_torch", "lightning-fabric", "torchmetrics",
                      "safetensors", "kedro", "kedro-datasets", "dvc", "numpy", "pillow")
 log = logging.getLogger(__name__)
@@ -44,6 +46,15 @@ def _device() -> dict[str, Any]:
     return info
 
 
+def parameter_sections(pipeline) -> list[str] | None:
+    """The top-level parameter sections that the nodes of ``pipeline`` read (``params:<section>`` or
+    ``params:<section>.<key>`` inputs); None when a node reads every parameter."""
+    inputs = {name for node in pipeline.nodes for name in node.inputs}
+    if ALL_PARAMETERS in inputs:
+        return None
+    return sorted({name[len(PARAMS_PREFIX):].split(".")[0] for name in inputs if name.startswith(PARAMS_PREFIX)})
+
+
 def run_record(params: dict[str, Any], run_params: dict[str, Any]) -> dict[str, Any]:
     """What a run needs to be reproduced: commit, parameters, package versions, device."""
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -61,10 +72,14 @@ def run_record(params: dict[str, Any], run_params: dict[str, Any]) -> dict[str, 
 
 
 class NodeSeedHooks:
-    """Seed Python, NumPy and torch before each node from ``(seed, node.name)``, and record every run.
+    """Validate the parameters before any node runs, seed Python, NumPy and torch before each node from
+    ``(seed, node.name)``, and record every run.
 
-    A node therefore sees the same random state whether its pipeline runs alone or inside ``__default__``. The
-    record goes to ``data/run_info/<pipelines>.json`` (not a DVC out: it holds a timestamp).
+    The validation covers every top-level key (a misspelt section is refused) and, whole, every section that the
+    run's nodes read (``parameter_sections``; ``kedro run --nodes`` narrows it), so a mistake deep in ``evaluation``
+    stops the run before anything is computed or overwritten. A node sees the same random state whether its pipeline
+    runs alone or inside ``__default__``. The record goes to ``data/run_info/<pipelines>.json`` (not a DVC out: it
+    holds a timestamp).
     """
 
     def __init__(self) -> None:
@@ -74,18 +89,15 @@ class NodeSeedHooks:
     @hook_impl
     def after_context_created(self, context) -> None:
         self.params = dict(context.params)
-        self.seed = int(self.params.get("seed", 0))
 
     @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        from ph_reg.config import PIPELINE_SECTIONS, validate_parameters
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline) -> None:
+        from ph_reg.config import validate_parameters
         from ph_reg.io import write_json
 
+        validate_parameters(self.params, parameter_sections(pipeline))   # before any node runs
+        self.seed = self.params.get("seed", 0)
         record = run_record(self.params, run_params)
-        # every training section this run touches is checked before any node runs (composites: all of them)
-        every = sorted({s for sections in PIPELINE_SECTIONS.values() for s in sections})
-        sections = sorted({s for name in record["pipelines"] for s in PIPELINE_SECTIONS.get(name, every)})
-        validate_parameters(self.params, sections)
         path = RUN_INFO_DIR / f"{'+'.join(record['pipelines'])}.json"
         write_json(path, record)
         log.info("run record written to %s (commit %s)", path, record["git_commit"])

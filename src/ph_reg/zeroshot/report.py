@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from torch import Tensor
 
 from ..datasets.base import IGNORE_INDEX
@@ -146,12 +147,17 @@ def class_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
-def _colourise(pred: Tensor, colours: np.ndarray) -> np.ndarray:
-    labels = pred.detach().cpu().numpy().astype(np.int64)
-    valid = (labels >= 0) & (labels < len(colours)) & (labels != IGNORE_INDEX)
-    out = np.zeros((*labels.shape, 3), dtype=np.uint8)  # ignore / unknown -> black
-    out[valid] = colours[labels[valid]]
+def _colourise(labels: Tensor, colours: np.ndarray, ignore_colour: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """(H, W, 3) uint8 picture of class ids; ``IGNORE_INDEX`` and ids without a colour get ``ignore_colour``."""
+    ids = labels.detach().cpu().numpy().astype(np.int64)
+    valid = (ids >= 0) & (ids < len(colours)) & (ids != IGNORE_INDEX)
+    out = np.empty((*ids.shape, 3), dtype=np.uint8)
+    out[...] = np.asarray(ignore_colour, dtype=np.uint8)
+    out[valid] = colours[ids[valid]]
     return out
+
+
+IGNORE_COLOUR = (255, 255, 255)   # ground-truth pixels that are not scored (IGNORE_INDEX): white, unlike any class
 
 
 def zero_shot_figure(
@@ -160,13 +166,18 @@ def zero_shot_figure(
         class_colours: np.ndarray | Tensor | Sequence[Sequence[int]],
         query_name: str = "query",
         class_names: Sequence[str] | None = None,
+        label: Tensor | None = None,
+        title: str | None = None,
         panel_size: float = 3.0,
 ) -> Figure:
-    """One row per head: image | predicted segmentation | heatmap of one query | PCA of the dense features.
+    """The image, its ground truth and the colour-to-class legend on top; below, one row per head: predicted
+    segmentation | probability map of one query | PCA of the dense features.
 
     ``image`` is uint8 (3, H, W); ``heads`` maps a head name to ``(pred (H, W) class ids, heatmap (H, W) for
     the query, features (h, w, C) or (1, h, w, C))``; ``class_colours`` is (num_classes, 3) uint8 RGB (or floats in
-    [0, 1]). With ``class_names``, the classes predicted anywhere are listed under the figure.
+    [0, 1]); ``label`` the (H, W) ground-truth class ids (``IGNORE_INDEX``: not scored, drawn white), or None when
+    the dataset has none (the panel says so). The legend lists every class in the ground truth or in a prediction,
+    by name (``class_names``, one per class id) or by id.
     """
     if not heads:
         raise ValueError("heads must map at least one head name to (pred, heatmap, features)")
@@ -177,34 +188,63 @@ def zero_shot_figure(
         raise ValueError(f"class_colours must be (num_classes, 3), got shape {colours.shape}")
     if colours.dtype != np.uint8:
         colours = np.clip(np.rint(colours.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if class_names is not None and len(class_names) != len(colours):
+        raise ValueError(f"class_names has {len(class_names)} names for {len(colours)} class colours")
     picture = image.detach().cpu()
     picture = (picture.float() / 255.0 if picture.dtype == torch.uint8 else picture.float()).clamp(0, 1)
     picture = picture.permute(1, 2, 0).numpy()
+    size = picture.shape[:2]
+    if label is not None and tuple(label.shape) != size:
+        raise ValueError(f"label must be (H, W) = {size}, got {tuple(label.shape)}")
 
-    figure = Figure(figsize=(4 * panel_size, panel_size * len(heads)), layout="constrained")
-    axes = figure.subplots(len(heads), 4, squeeze=False)
-    predicted: set[int] = set()
-    for row, (head, (pred, heatmap, features)) in enumerate(heads.items()):
-        if pred.shape != picture.shape[:2] or heatmap.shape != picture.shape[:2]:
-            raise ValueError(f"heads[{head!r}]: pred and heatmap must be (H, W) = {picture.shape[:2]}, got "
+    figure = Figure(figsize=(3 * panel_size, panel_size * (1 + len(heads))), layout="constrained")
+    grid = figure.add_gridspec(1 + len(heads), 3)
+    shown: set[int] = set()
+    ignored = False
+    top = figure.add_subplot(grid[0, 0])
+    top.imshow(picture)
+    top.set_title("image", fontsize=9)
+    truth = figure.add_subplot(grid[0, 1])
+    if label is None:
+        truth.text(0.5, 0.5, "no ground truth\nin this dataset", ha="center", va="center", fontsize=9,
+                   transform=truth.transAxes)
+    else:
+        ids = label.detach().cpu()
+        ignored = bool((ids == IGNORE_INDEX).any())
+        shown |= {c for c in torch.unique(ids).tolist() if c != IGNORE_INDEX}
+        truth.imshow(_colourise(ids, colours, IGNORE_COLOUR), interpolation="nearest")
+    truth.set_title("ground truth", fontsize=9)
+    legend_axes = figure.add_subplot(grid[0, 2])
+    legend_axes.set_axis_off()
+    probability = None
+    for row, (head, (pred, heatmap, features)) in enumerate(heads.items(), start=1):
+        if tuple(pred.shape) != size or tuple(heatmap.shape) != size:
+            raise ValueError(f"heads[{head!r}]: pred and heatmap must be (H, W) = {size}, got "
                              f"{tuple(pred.shape)} and {tuple(heatmap.shape)}")
         feats = features if features.ndim == 4 else features.unsqueeze(0)
         pca = pca_rgb(feats.detach().float().cpu())[0].numpy()
-        predicted |= set(torch.unique(pred.detach().cpu()).tolist())
-        panels = [
-            ("image", picture, {}),
-            ("prediction", _colourise(pred, colours), {"interpolation": "nearest"}),
-            (f"'{query_name}'", heatmap.detach().float().cpu().numpy(), {"cmap": "viridis"}),
-            ("PCA of features", pca, {"interpolation": "nearest"}),
-        ]
-        for col, (title, data, kwargs) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(data, **kwargs)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{head}: {title}" if col else title, fontsize=9)
-        axes[row, 0].set_ylabel(head)
-    if class_names is not None:
-        listed = [f"{c}: {class_names[c]}" for c in sorted(predicted) if 0 <= c < len(class_names)]
-        figure.suptitle("predicted classes: " + ", ".join(listed), fontsize=8)
+        shown |= set(torch.unique(pred.detach().cpu()).tolist())
+        axes = [figure.add_subplot(grid[row, col]) for col in range(3)]
+        axes[0].imshow(_colourise(pred, colours), interpolation="nearest")
+        axes[0].set_title(f"{head}: prediction", fontsize=9)
+        probability = axes[1].imshow(heatmap.detach().float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+        axes[1].set_title(f"{head}: P('{query_name}')", fontsize=9)
+        axes[2].imshow(pca, interpolation="nearest")
+        axes[2].set_title(f"{head}: PCA of features", fontsize=9)
+        axes[0].set_ylabel(head)
+    for ax in figure.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(probability, ax=axes[1], location="bottom", shrink=0.8,
+                    label=f"probability of the query '{query_name}'")
+
+    listed = sorted(c for c in shown if 0 <= c < len(colours))
+    handles = [Patch(facecolor=colours[c] / 255.0, edgecolor="black", linewidth=0.5,
+                     label=f"{c}: {class_names[c]}" if class_names is not None else f"class {c}") for c in listed]
+    if ignored:
+        handles.append(Patch(facecolor=np.asarray(IGNORE_COLOUR) / 255.0, edgecolor="black", linewidth=0.5,
+                             label="not scored (ignore)"))
+    legend_axes.legend(handles=handles, loc="center", title="class colours", fontsize=8, title_fontsize=9,
+                       ncols=max(1, -(-len(handles) // 14)), frameon=False)
+    figure.suptitle(title or "Zero-shot open-vocabulary segmentation", fontsize=11)
     return figure

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # the ph_reg library modules import torch: they are imported inside the nodes, so loading the pipelines is fast
-if TYPE_CHECKING:
-    from ph_reg.io import RecordStream
+# (the signatures name their classes through node_types, which Kedro resolves without torch)
+from ph_reg.pipelines.node_types import RecordStream
 
 
 def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:

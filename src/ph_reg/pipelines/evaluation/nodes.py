@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 # torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
-# pipelines is fast
-if TYPE_CHECKING:
-    import pandas as pd
-    import torch
-
-    from ph_reg.io import RecordStream, ShardReader
-    from ph_reg.models import BackboneConfig
+# pipelines is fast (the signatures name their classes through node_types, which Kedro resolves without torch)
+from ph_reg.pipelines.node_types import BackboneConfig, RecordStream, ShardReader, Tensor
 
 RANDOM_WEIGHTS_WARNING = (
     "The backbone has random weights (no pretrained tag and no checkpoint): it has no learned artifacts, so these "
@@ -21,8 +17,8 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-def select_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
-                   snapshots: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def select_student(student_weights: dict[str, Tensor], student_config: dict[str, Any],
+                   snapshots: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The student every evaluation node measures: the final one (``evaluation.student_snapshot: null``) or the
     snapshot kept after that epoch (conf/paper_dinov2: 30, the student of the paper's DINOv2 numbers), read from the
     snapshot index that student_distillation wrote; an epoch without a snapshot is an error naming the parameter."""
@@ -34,7 +30,7 @@ def select_student(student_weights: dict[str, torch.Tensor], student_config: dic
     return read_student(snapshot_folder(snapshots, epoch))
 
 
-def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weights: dict[str, torch.Tensor],
+def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weights: dict[str, Tensor],
                        student_config: dict[str, Any], params: dict[str, Any], denoising: dict[str, Any],
                        seed: int) -> tuple[dict[str, Any], Figure, str]:
     """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report, on the prepared images of
@@ -75,7 +71,7 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     return report, figure, markdown_report(report)
 
 
-def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, torch.Tensor],
+def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, Tensor],
                                student_config: dict[str, Any], probe_metrics: dict[str, Any], params: dict[str, Any],
                                denoising: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, Figure]:
     """The planted-artifact benchmark (ground truth known): clean model, implanted teacher, target and student."""
@@ -115,7 +111,7 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, t
     return report, header + markdown, figure
 
 
-def load_evaluated_student(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any], device):
+def load_evaluated_student(student_weights: dict[str, Tensor], student_config: dict[str, Any], device):
     """The distilled student (eval mode, on ``device``) and its base model's config."""
     from ph_reg.models import BackboneConfig, load_trainable_state_dict
     from ph_reg.student import build_student_from_config
@@ -154,7 +150,7 @@ def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[s
     return chosen
 
 
-def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
+def evaluate_zero_shot_table(student_weights: dict[str, Tensor], student_config: dict[str, Any],
                              params: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
     from ph_reg.dense_eval import zero_shot_evaluation, zero_shot_figures
@@ -180,14 +176,14 @@ def evaluate_zero_shot_table(student_weights: dict[str, torch.Tensor], student_c
     figure = settings["figure"]
     figures = zero_shot_figures(student, base, settings["heads"], settings["benchmarks"][figure["benchmark"]],
                                 figure["images"], figure["query"], tta_views=settings["tta_views"], seed=seed,
-                                device=device, precision=precision)
+                                device=device, precision=precision, name=figure["benchmark"])
     header = "# Zero-shot open-vocabulary segmentation (mIoU %, Table 1 format)\n\n"
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
     return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown, figures
 
 
-def cache_probe_features(student_weights: dict[str, torch.Tensor], student_config: dict[str, Any],
+def cache_probe_features(student_weights: dict[str, Tensor], student_config: dict[str, Any],
                          params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
     """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
     from ph_reg.dense_eval import probe_feature_streams, probe_models
@@ -202,15 +198,13 @@ def cache_probe_features(student_weights: dict[str, torch.Tensor], student_confi
                                  batch_size=params["batch_size"], precision=precision, mode=settings["mode"])
 
 
-def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str, torch.Tensor],
+def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str, Tensor],
                     student_config: dict[str, Any], params: dict[str, Any], seed: int
                     ) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
     """Train the linear probes and report them in the paper's Table 2 format, with the training curves (one CSV
     per ``<task>-<benchmark>-<model>``: iteration, loss). ``evaluation.probes.mode``: ``cached`` trains from the
     train feature cache; ``online`` recomputes the teacher's and student's features for every batch under the
     official augmentation (the models are built here; the val side reads the cache in both modes)."""
-    import pandas as pd
-
     from ph_reg.dense_eval import probe_models, run_probes, table2
     from ph_reg.models import BackboneConfig
     from ph_reg.probes.online import check_mode
@@ -240,6 +234,48 @@ def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str,
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
     return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown, curve_frames
+
+
+SUMMARY_PROBE_METRICS = ("mIoU", "RMSE")   # the headline probe metric of each task (segmentation, depth)
+SUMMARY_DECIMALS = 4
+
+
+def summarize_evaluation(artifacts: dict[str, Any], zero_shot: dict[str, Any], probes: dict[str, Any],
+                         planted: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of the four evaluation reports in one small file (``summary.json``, a DVC metric), so
+    that ``dvc metrics show`` and ``dvc exp show`` read at a glance; each number is copied (rounded to 4 decimals)
+    from the report named in its key, where the full context is:
+
+    - ``artifacts.<teacher|student>.cosine_to_target``: evaluation.json, mean cosine to the denoised target;
+    - ``planted.<teacher|target|student>.cosine_to_clean`` and ``.outlier_rate``: planted_artifacts.json, the mean
+      cosine to the clean reference and the share of tokens whose cosine is below ``low_cosine`` (direction rule);
+    - ``zero_shot_avg_miou.<head>``: zero_shot.json, the head's average mIoU (%) over the benchmarks run;
+    - ``probes.<model>.<benchmark>/<mIoU|RMSE>``: probes.json, the final probe's segmentation mIoU (%) and depth
+      RMSE (m).
+
+    A report that its stage skipped gives ``<part>.skipped`` (the reason) instead of numbers."""
+
+    def number(value: Any) -> float | None:
+        return None if value is None else round(float(value), SUMMARY_DECIMALS)
+
+    summary: dict[str, Any] = {"random_weights": bool(artifacts.get("random_weights"))}
+    summary["artifacts"] = {name: {"cosine_to_target": number(values["mean"])}
+                            for name, values in artifacts["cosine_to_target"].items()}
+    if "skipped" in planted:
+        summary["planted"] = {"skipped": planted["skipped"]}
+    else:
+        summary["planted"] = {name: {"cosine_to_clean": number(planted["sources"][name]["cosine"]["all"]),
+                                     "outlier_rate": number(planted["sources"][name]["direction"]["rate"])}
+                              for name in ("teacher", "target", "student")}
+    if "skipped" in zero_shot:
+        summary["zero_shot_avg_miou"] = {"skipped": zero_shot["skipped"]}
+    else:
+        summary["zero_shot_avg_miou"] = {head: number(row["ours"]["avg"])
+                                         for head, row in zero_shot["table"]["rows"].items()}
+    summary["probes"] = {model: {key: number(value) for key, value in row.items()
+                                 if key.rsplit("/", 1)[-1] in SUMMARY_PROBE_METRICS}
+                         for model, row in probes["results"].items()}
+    return summary
 
 
 def markdown_report(report: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 from kedro.pipeline import Pipeline, node
 
 from .nodes import (cache_probe_features, evaluate_artifacts, evaluate_planted_artifacts, evaluate_probes,
-                    evaluate_zero_shot_table, select_student)
+                    evaluate_zero_shot_table, select_student, summarize_evaluation)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -45,6 +45,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                  "params:evaluation", "params:teacher_denoising", "params:seed"],
                 ["planted_artifact_metrics", "planted_artifact_report", "planted_artifact_figure"],
                 name="evaluate_planted_artifacts",
+            ),
+            node(
+                summarize_evaluation,   # the headline numbers of the four reports, one small DVC metric
+                ["evaluation_metrics", "zero_shot_metrics", "probe_metrics", "planted_artifact_metrics"],
+                "evaluation_summary",
+                name="summarize_evaluation",
             ),
         ]
     )

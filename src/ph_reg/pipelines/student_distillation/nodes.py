@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 # torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
-# pipelines is fast
-if TYPE_CHECKING:
-    import torch
-
-    from ph_reg.distill import OnlineTargets
-    from ph_reg.io import ShardReader
-    from ph_reg.models import DenseViT
+# pipelines is fast (the signatures name their classes through node_types, which Kedro resolves without torch)
+from ph_reg.pipelines.node_types import Dataset, DenseViT, OnlineTargets, ShardReader, Tensor
 
 
 def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
@@ -30,7 +25,7 @@ def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
 
 def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
                      params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
-                     seed: int) -> tuple[torch.utils.data.Dataset, OnlineTargets | None]:
+                     seed: int) -> tuple[Dataset, OnlineTargets | None]:
     """Cached mode: stored crops and targets, every epoch one of each training image's
     ``data_preparation.crops_per_image`` crops, in turn (``TargetPairs``). Online mode: fresh crops of the training
     images (those that data_preparation accepted for the train split) and a teacher that denoises every batch.
@@ -90,7 +85,8 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
     """Distill the student on the training split; return it, its per-epoch loss history and the index of its
     epoch snapshots (``training.snapshot_every`` / ``snapshot_epochs``, written to ``snapshot_dir`` during training).
 
-    SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues).
+    SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues; a
+    checkpoint trained under other settings is refused, see ``ph_reg.distill.check_resume``).
     """
     from ph_reg.config import student_distillation_params
     from ph_reg.distill import distill
@@ -103,8 +99,11 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
     if checked.snapshot_dir is not None:
         snapshots = StudentSnapshots(checked.snapshot_dir, artifact_config(
             student, list(trainable_state_dict(student)), backbone, teacher_params, params))
+    # what else the result depends on: recorded in every checkpoint, and a resume under other values is refused
+    settings = {"backbone": backbone, "student_distillation": {k: v for k, v in params.items() if k != "training"},
+                "teacher_denoising": teacher_params, "data_preparation": data_params}
     history = distill(student, dataset, checked.training, seed, checkpoint_dir=checked.checkpoint_dir,
-                      online_targets=online, snapshots=snapshots)
+                      online_targets=online, snapshots=snapshots, settings=settings)
     index = snapshots.index() if snapshots is not None else {"folder": None, "snapshots": {}}
     return student, pd.DataFrame(history), index
 
@@ -120,7 +119,7 @@ def artifact_config(student: DenseViT, weight_names: list[str], backbone: dict[s
 
 
 def export_student(student: DenseViT, backbone: dict[str, Any], teacher_params: dict[str, Any],
-                   params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   params: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The trainable-weights delta and the JSON config that ``ph_reg.load_student`` rebuilds it from."""
     from ph_reg.models import trainable_state_dict
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # the ph_reg library modules import torch: they are imported inside the nodes, so loading the pipelines is fast
-if TYPE_CHECKING:
-    from ph_reg.io import RecordStream, ShardReader
+# (the signatures name their classes through node_types, which Kedro resolves without torch)
+from ph_reg.pipelines.node_types import RecordStream, ShardReader
 
 
 def _store_digest(images: ShardReader) -> str:

@@ -1,0 +1,81 @@
+"""The project's ``kedro run`` (also ``python -m ph_reg``): Kedro's own command, except that a run stopped by a user
+error ends with that error's one-line message and a non-zero exit status instead of a traceback.
+
+A user error is a mistake in the configuration, the data or the machine whose message names the parameter or file
+and what to change (:data:`USER_ERRORS`): a bad parameter, a missing file or configuration environment, an image
+source that cannot be prepared, a full disk, missing pretrained weights, a run stopped by SIGTERM. Every other
+exception is a bug and keeps its full traceback. Kedro's log keeps its usual lines (which node failed, and how to
+resume the run) above the message.
+
+Kedro reads the ``cli`` group of this module for every ``kedro`` command of the project, and its commands take
+precedence over Kedro's built-in ones. It imports nothing heavy (``kedro viz`` starts fast).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+from kedro.framework.cli.project import run as kedro_run
+from kedro.io import DatasetError
+
+#: The exception classes (module and qualified name, so that recognising them imports nothing) whose message is
+#: the whole story; their subclasses count too. tests/test_workflow_robust.py checks that each one exists.
+USER_ERRORS = frozenset({
+    "ph_reg.config.ConfigError",                      # invalid parameter <key>: got <value>; allowed: ...
+    "builtins.FileNotFoundError",                     # a configured path, a store or a weights file that is missing
+    "kedro.config.abstract_config.MissingConfigException",  # e.g. a misspelt --env
+    "ph_reg.data.ImageSourceError",                   # no usable image; a bad file under on_error: raise
+    "ph_reg.io.WriteError",                           # cannot write <file>: [Errno 28] No space left on device
+    "ph_reg.io.Interrupted",                          # stopped by SIGTERM, finished work saved; rerun to resume
+    "ph_reg.distill.NonFiniteBatchesError",           # too many non-finite batches: lower the learning rate
+    "ph_reg.distill.ResumeMismatchError",             # resume with settings that differ from the checkpoint's
+    "ph_reg.models.backbone.WeightsUnavailableError",  # no network and no cached or local weights
+})
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error that ``error`` reports, or None if it is a bug. A Kedro ``DatasetError`` (a dataset's load or
+    save failed) reports the error that caused it."""
+    while error is not None:
+        if any(_class_name(cls) in USER_ERRORS for cls in type(error).__mro__):
+            return error
+        error = error.__cause__ if isinstance(error, DatasetError) else None
+    return None
+
+
+def one_line_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command's callback: a user error becomes a ``click.ClickException`` (``Error: <message>`` on stderr,
+    exit status 1); anything else propagates unchanged, with its traceback."""
+
+    @functools.wraps(command)
+    def run_reporting_user_errors(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Exception as error:
+            cause = user_error(error)
+            if cause is None:
+                raise
+            message = " ".join(str(cause).split())  # one line, however the message was wrapped
+            raise click.ClickException(message) from error
+
+    return run_reporting_user_errors
+
+
+run = copy.copy(kedro_run)  # same name, options and help as Kedro's `kedro run`
+run.callback = one_line_user_errors(kedro_run.callback)
+
+
+@click.group(name="ph-reg")
+def cli() -> None:
+    """Project commands (Kedro's own ones, with user errors reported in one line)."""
+
+
+cli.add_command(run)
