@@ -1,16 +1,16 @@
 """The planted-artifact benchmark and the component ablation on ground truth (method.md section 7).
 
-A teacher with planted artifacts (``ph_reg.implant``) is distilled into students: no registers vs ``--registers``
+A teacher with planted artifacts (``ph_reg.models.implant``) is distilled into students: no registers vs ``--registers``
 registers, plain teacher targets (1 view, the identity) vs TTA-denoised targets (``--views`` views). Every student
 is a copy of the implanted teacher (it carries the same implant) with the student head. All sources are then
 measured on the held-out crops against the planted mask and the TTA-denoised clean model
-(``ph_reg.artifact_benchmark``), and optionally with the synthetic linear probes (``--probes``).
+(``ph_reg.evaluation.planted``), and optionally with the synthetic linear probes (``--probes``).
 
     python benchmarks/artifact_ablation.py --quick       # tiny model, about a minute
     python benchmarks/artifact_ablation.py               # the embedded default: ViT-B-16 at 224, 8 epochs (~1 h)
     python benchmarks/artifact_ablation.py --img-size 160 --epochs 4    # reduced (~15 min on 2 cores)
 
-Data: the sample photos of ``ph_reg.data.SAMPLE_PHOTOS`` cut into fixed crops, split into train / held-out as
+Data: the sample photos of ``ph_reg.data.images.SAMPLE_PHOTOS`` cut into fixed crops, split into train / held-out as
 the data-preparation stage does (``val_fraction`` hash split).
 """
 
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from ph_reg.artifact_benchmark import (SourceFeatures, add_probe_results, artifact_benchmark, benchmark_features,
+from ph_reg.evaluation.planted import (SourceFeatures, add_probe_results, artifact_benchmark, benchmark_features,
                                        benchmark_figure, benchmark_markdown, check_targets, tta_tokens)
-from ph_reg.data import PreparationConfig, prepared_records
-from ph_reg.distill import DistillConfig, TargetPairs, distill
+from ph_reg.data.images import PreparationConfig, prepared_records
+from ph_reg.method.distill import DistillConfig, TargetPairs, distill
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone, clean_copy
-from ph_reg.utils import normalize
+from ph_reg.runtime import normalize
 
 QUICK = dict(arch="open_clip:ph-reg-tiny-ViT-16", img_size=64, epochs=2, batch_size=4, max_images=8,
              probe_images=4, probe_iterations=10)
@@ -79,7 +79,7 @@ def crops(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def probe_results(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Synthetic segmentation and depth probes on the frozen features of every model."""
-    from ph_reg.dense_eval import probe_feature_streams, run_probes, write_probe_stores
+    from ph_reg.evaluation.dense import probe_feature_streams, run_probes, write_probe_stores
 
     size = args.img_size
     spec = lambda split, n: {"type": "synthetic", "num_images": n, "image_size": size, "seed": 0, "split": split}

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import _bench
 
-from ph_reg.data import PreparationConfig, RandomCrops, StoredImageLoader, prepared_records
-from ph_reg.distill import DistillConfig, OnlineTargets, TargetPairs, distill
+from ph_reg.data.images import PreparationConfig, RandomCrops, StoredImageLoader, prepared_records
+from ph_reg.method.distill import DistillConfig, TargetPairs, distill
+from ph_reg.method.targets import OnlineTargets
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
-from ph_reg.targets import denoised_target_records
+from ph_reg.method.targets import denoised_target_records
 
 TARGET = 3.0
 SEED = 0

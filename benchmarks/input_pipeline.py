@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ph_reg.distill import (DistillConfig, EpochTaggedSampler, TargetPairs, distillation_loss, parameter_groups)
+from ph_reg.method.distill import (DistillConfig, EpochTaggedSampler, TargetPairs, distillation_loss, parameter_groups)
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
-from ph_reg.targets import target_dtype
-from ph_reg.utils import derive_seed
+from ph_reg.method.targets import target_dtype
+from ph_reg.runtime import derive_seed
 
 TARGET = 1.05
 SEED = 0

@@ -19,12 +19,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ph_reg.datasets import SyntheticScenes
+from ph_reg.evaluation.benchmarks import SyntheticScenes
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import build_backbone
-from ph_reg.probes import feature_stream, train_segmentation_probe
-from ph_reg.probes.segmentation import LinearSegmentationProbe, poly_lr_lambda
-from ph_reg.utils import generator, normalize
+from ph_reg.evaluation.probes import feature_stream, train_segmentation_probe
+from ph_reg.evaluation.probes.segmentation import LinearSegmentationProbe, poly_lr_lambda
+from ph_reg.runtime import generator, normalize
 
 
 def train_without_cache(model, images, store, iterations, batch_size, seed):

@@ -22,7 +22,7 @@ import _bench
 import torch
 from torch.utils.data import Dataset
 
-from ph_reg.distill import DistillConfig, distill, distillation_loss, parameter_groups
+from ph_reg.method.distill import DistillConfig, distill, distillation_loss, parameter_groups
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
 
 TARGET = 1.10

@@ -38,7 +38,7 @@ def child(args) -> None:
     import torch
     from torch import nn
 
-    from ph_reg.denoise import TTADenoiser
+    from ph_reg.method.tta import TTADenoiser
     from ph_reg.models import BackboneConfig, build_backbone
 
     teacher = build_backbone(BackboneConfig(arch=args.arch, img_size=args.img_size, head="naclip")).eval()

@@ -14,7 +14,7 @@ import time
 import _bench
 import torch
 
-from ph_reg.denoise import TTADenoiser, augment_images, max_shift, sample_views
+from ph_reg.method.tta import TTADenoiser, augment_images, max_shift, sample_views
 from ph_reg.models import BackboneConfig, build_backbone
 
 TARGET = 1.05

@@ -22,7 +22,7 @@ import _bench
 import torch
 
 from ph_reg.models import BackboneConfig, build_backbone
-from ph_reg.zeroshot.harness import make_dense_fn, sliding_window_logits, sliding_windows, tta_dense_fn
+from ph_reg.evaluation.zeroshot.harness import make_dense_fn, sliding_window_logits, sliding_windows, tta_dense_fn
 
 PAPER_GFLOPS = {"MaskCLIP": 62.89, "PH-Reg student": 64.16, "NACLIP + 10x TTA": 647.6}
 NUM_QUERIES = 21  # VOC21

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-from ph_reg.dense_eval import run_probes  # noqa: E402
+from ph_reg.evaluation.dense import run_probes  # noqa: E402
 from ph_reg.io import ShardReader  # noqa: E402
 
 CACHE = Path("data/05_model_input/probe_features")

@@ -10,7 +10,7 @@ its own copy of the project, with ``conf/base`` and only the overrides below, fo
 Every arm takes the same optimizer steps: an epoch shows every training image once in each mode.
 
 Every student is then measured on the same held-out images (the ``val`` split, by image name, of the ``K=1`` arm)
-against the known planted mask and the TTA-denoised clean model (``ph_reg.artifact_benchmark``), with the
+against the known planted mask and the TTA-denoised clean model (``ph_reg.evaluation.planted``), with the
 evaluation settings of ``conf/base``. Wall times are those of the pipeline runs (teacher denoising + training).
 Take them on an idle machine.
 
@@ -70,9 +70,9 @@ def measure(folder: Path, pixels, base_params: dict) -> dict:
     import safetensors.torch
     import torch
 
-    from ph_reg.artifact_benchmark import planted_artifact_evaluation
+    from ph_reg.evaluation.planted import planted_artifact_evaluation
     from ph_reg.models import BackboneConfig, build_backbone, load_trainable_state_dict
-    from ph_reg.student import build_student_from_config
+    from ph_reg.method.student import build_student_from_config
 
     config = json.loads((folder / "data/06_models/student/config.json").read_text())
     student = build_student_from_config(config)

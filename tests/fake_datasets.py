@@ -1,4 +1,4 @@
-"""Tiny fake copies of the paper's benchmark folders, in the standard on-disk layouts of ``ph_reg.datasets``.
+"""Tiny fake copies of the paper's benchmark folders, in the standard on-disk layouts of ``ph_reg.evaluation.benchmarks``.
 
 ``make_fake_datasets(root)`` writes, under ``root``, the folders the paper configurations name under
 ``data/01_raw/`` (``conf/paper*/parameters_evaluation.yml``): random RGB images, label PNGs holding random valid

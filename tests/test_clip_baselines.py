@@ -14,7 +14,7 @@ from torch import nn
 from ph_reg.models import BackboneConfig, build_backbone, naclip_omega
 from ph_reg.models.backbone import HEADS
 from ph_reg.models.clip_heads import CLIP_HEADS
-from ph_reg.zeroshot import ZERO_SHOT_HEADS, backbone_head, make_dense_fn
+from ph_reg.evaluation.zeroshot import ZERO_SHOT_HEADS, backbone_head, make_dense_fn
 
 TINY_CLIP = "open_clip:ph-reg-tiny-ViT-16"  # width 64, 2 heads of 32, 3 blocks, proj to 32
 IMG = 64

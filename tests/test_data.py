@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ph_reg.data import (BUILTIN_SOURCE, SAMPLE_PHOTOS, PreparationConfig, iter_source_images, prepared_records,
+from ph_reg.data.images import (BUILTIN_SOURCE, SAMPLE_PHOTOS, PreparationConfig, iter_source_images, prepared_records,
                          resize_short_side, split_of)
 
 

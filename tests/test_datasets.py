@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ph_reg.datasets import (
+from ph_reg.evaluation.benchmarks import (
     ADE20K,
     CLASS_NAMES,
     EIGEN_CROP,

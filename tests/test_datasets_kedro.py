@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from ph_reg.pipelines.datasets import AtomicFileDataset
+from ph_reg.kedro_datasets import AtomicFileDataset
 
 
 def test_atomic_file_dataset_round_trip_and_failed_save(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for the teacher TTA denoiser (ph_reg.denoise)."""
+"""Tests for the teacher TTA denoiser (ph_reg.method.tta)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from ph_reg.denoise import (
+from ph_reg.method.tta import (
     TTADenoiser,
     TTAViews,
     augment_images,

@@ -1,4 +1,4 @@
-"""Tests for ph_reg.diagnostics."""
+"""Tests for ph_reg.evaluation.diagnostics."""
 import io
 import json
 
@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from ph_reg.diagnostics import (
+from ph_reg.evaluation.diagnostics import (
     artifact_report,
     cosine_map,
     feature_figure,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ph_reg.models import DenseOutput
-from ph_reg.distill import DistillConfig, distill, distillation_loss, lr_after_step, parameter_groups
+from ph_reg.method.distill import DistillConfig, distill, distillation_loss, lr_after_step, parameter_groups
 
 
 def test_loss_matches_formula():
@@ -178,11 +178,12 @@ def test_two_process_ddp_matches_one_process():
 
 def test_cached_and_online_targets_agree_for_fixed_crops(tmp_path):
     """Same fixed crops and the same view draw: cached targets equal online ones, and training agrees exactly."""
-    from ph_reg.data import RandomCrops, StoredImageLoader
-    from ph_reg.distill import OnlineTargets, TargetPairs
+    from ph_reg.data.images import RandomCrops, StoredImageLoader
+    from ph_reg.method.distill import TargetPairs
+    from ph_reg.method.targets import OnlineTargets
     from ph_reg.io import ShardReader, write_shards
     from ph_reg.models import build_backbone
-    from ph_reg.targets import denoised_target_records
+    from ph_reg.method.targets import denoised_target_records
 
     config = {"arch": "timm:test_vit", "img_size": 32, "head": "final_norm"}
     teacher = build_backbone(config)

@@ -1,4 +1,4 @@
-"""Tests of the planted-artifact implant (ph_reg.implant) and its benchmark metrics (ph_reg.artifact_benchmark)."""
+"""Tests of the planted-artifact implant (ph_reg.models.implant) and its benchmark metrics (ph_reg.evaluation.planted)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from ph_reg.artifact_benchmark import (SourceFeatures, add_probe_results, adjacent_mask, artifact_benchmark,
+from ph_reg.evaluation.planted import (SourceFeatures, add_probe_results, adjacent_mask, artifact_benchmark,
                                        benchmark_features, benchmark_figure, benchmark_markdown, check_targets,
                                        dense_tokens, detection_scores, per_image_outliers)
-from ph_reg.datasets import SyntheticScenes
-from ph_reg.distill import DistillConfig, TargetPairs, distill
-from ph_reg.implant import ImplantConfig, patch_pixel_std, planted_mask
+from ph_reg.evaluation.benchmarks import SyntheticScenes
+from ph_reg.method.distill import DistillConfig, TargetPairs, distill
+from ph_reg.models.implant import ImplantConfig, patch_pixel_std, planted_mask
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone, clean_copy, trainable_state_dict
-from ph_reg.student import build_student_from_config, student_config
-from ph_reg.utils import normalize
+from ph_reg.method.student import build_student_from_config, student_config
+from ph_reg.runtime import normalize
 
 TINY_CLIP = "open_clip:ph-reg-tiny-ViT-16"  # width 64, 3 blocks: the implant writes after block 1
 TINY_TIMM = "timm:test_vit"  # width 64, 6 blocks: the implant writes after block 3

@@ -17,7 +17,7 @@ HEAVY_MODULES = ("torch", "lightning_fabric", "timm", "open_clip")
 SCRIPT = """
 import json, sys
 import yaml
-import ph_reg.settings, ph_reg.pipeline_registry, ph_reg.pipelines.datasets
+import ph_reg.settings, ph_reg.pipeline_registry, ph_reg.kedro_datasets
 from kedro.io import DataCatalog
 from ph_reg.pipeline_registry import register_pipelines
 

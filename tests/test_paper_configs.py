@@ -19,13 +19,13 @@ import torch
 from kedro.config import OmegaConfigLoader
 from matplotlib.figure import Figure
 
-import ph_reg.dense_eval as dense_eval
-from ph_reg.datasets import build_dataset
+import ph_reg.evaluation.dense as dense_eval
+from ph_reg.evaluation.benchmarks import build_dataset
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import build_backbone, trainable_state_dict
 from ph_reg.pipelines.evaluation.nodes import cache_probe_features, evaluate_probes, evaluate_zero_shot_table
-from ph_reg.student import student_backbone, student_config, teacher_backbone
-from ph_reg.zeroshot import OPENAI_IMAGENET_TEMPLATES, text_embeddings
+from ph_reg.method.student import student_backbone, student_config, teacher_backbone
+from ph_reg.evaluation.zeroshot import OPENAI_IMAGENET_TEMPLATES, text_embeddings
 
 from conftest import PROJECT_ROOT
 from fake_datasets import NYU_SIZE, make_fake_datasets

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY_OPEN_CLIP, TINY_TIMM, make_project
 from ph_reg.io import ShardReader, load_tensors
-from ph_reg.student import load_student
+from ph_reg.method.student import load_student
 
 COMPONENTS = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
 

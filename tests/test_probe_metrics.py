@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ph_reg.probes import DepthMetrics, eigen_crop_mask, segmentation_metrics
+from ph_reg.evaluation.probes import DepthMetrics, eigen_crop_mask, segmentation_metrics
 
 
 def _confusion(pred, target, num_classes, ignore=255):

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ph_reg.datasets.base import IGNORE_INDEX, DenseDataset, DenseSample
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseSample
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import DenseOutput, build_backbone
-from ph_reg.probes import (
+from ph_reg.evaluation.probes import (
     DepthProbeConfig,
     SegmentationProbeConfig,
     cached_image,
@@ -23,8 +23,8 @@ from ph_reg.probes import (
     train_depth_probe,
     train_segmentation_probe,
 )
-from ph_reg.probes.cache import resize_dense, resize_image
-from ph_reg.utils import normalize
+from ph_reg.evaluation.probes.cache import resize_dense, resize_image
+from ph_reg.runtime import normalize
 
 NUM_CLASSES = 4
 PALETTE = torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=torch.float32)

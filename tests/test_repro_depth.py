@@ -18,10 +18,10 @@ from kedro.config import OmegaConfigLoader
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ph_reg.datasets.base import DenseDataset, DenseSample
+from ph_reg.evaluation.benchmarks.base import DenseDataset, DenseSample
 from ph_reg.io import ShardReader, write_shards
 from ph_reg.models import DenseOutput
-from ph_reg.probes import (
+from ph_reg.evaluation.probes import (
     BestProbeTracker,
     DepthProbeConfig,
     LinearDepthProbe,
@@ -34,8 +34,8 @@ from ph_reg.probes import (
     toolbox_gradient_loss,
     train_depth_probe,
 )
-import ph_reg.probes.depth as depth_module
-from ph_reg.probes.depth import (
+import ph_reg.evaluation.probes.depth as depth_module
+from ph_reg.evaluation.probes.depth import (
     bin_weights,
     clip_gradients,
     depth_loss,

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-from ph_reg.config import ConfigError, backbone_params
-from ph_reg.dense_eval import head_model
+from ph_reg.config import ConfigError
+from ph_reg.params import backbone_params
+from ph_reg.evaluation.dense import head_model
 from ph_reg.io import save_tensors
 from ph_reg.models import BackboneConfig, build_backbone, resize_pos_embed, trainable_state_dict
-from ph_reg.student import load_student, student_backbone, student_config, teacher_backbone
+from ph_reg.method.student import load_student, student_backbone, student_config, teacher_backbone
 
 from conftest import PROJECT_ROOT
 

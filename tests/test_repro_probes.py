@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 from kedro.config import OmegaConfigLoader
 
-from ph_reg.dense_eval import probe_feature_streams, run_probes, write_probe_stores
-from ph_reg.datasets import build_dataset
-from ph_reg.datasets.base import IGNORE_INDEX, DenseSample
+from ph_reg.evaluation.dense import probe_feature_streams, run_probes, write_probe_stores
+from ph_reg.evaluation.benchmarks import build_dataset
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseSample
 from ph_reg.models import BackboneConfig, build_backbone
-from ph_reg.probes import (
+from ph_reg.evaluation.probes import (
     SegmentationProbeConfig,
     as_batch_source,
     evaluate_segmentation_probe,
     segmentation_metrics,
     train_segmentation_probe,
 )
-from ph_reg.probes.online import (
+from ph_reg.evaluation.probes.online import (
     CAT_MAX_RETRIES,
     DepthAugmentation,
     OnlineBatchSource,
@@ -40,7 +40,7 @@ from ph_reg.probes.online import (
     rgb_to_hsv,
     rotate,
 )
-from ph_reg.probes.segmentation import segmentation_loss
+from ph_reg.evaluation.probes.segmentation import segmentation_loss
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "timm:test_vit", "img_size": 64, "head": "final_norm"}   # the conftest tiny timm ViT (patch 16)

@@ -15,16 +15,17 @@ import yaml
 from PIL import Image
 
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
-from ph_reg.config import ConfigError, validate_parameters
-from ph_reg.data import PreparationConfig, prepared_records
-from ph_reg.distill import DistillConfig, TargetPairs, TrainingInterrupted, distill
+from ph_reg.config import ConfigError
+from ph_reg.params import validate_parameters
+from ph_reg.data.images import PreparationConfig, prepared_records
+from ph_reg.method.distill import DistillConfig, TargetPairs, TrainingInterrupted, distill
 from ph_reg.io import ShardReader, load_tensors, write_shards
 from ph_reg.models import build_backbone, trainable_state_dict
 from ph_reg.pipelines.evaluation.nodes import select_student
 from ph_reg.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS, LayeredConfigLoader
-from ph_reg.student import (StudentSnapshots, load_student, read_student, student_backbone, student_config,
+from ph_reg.method.student import (StudentSnapshots, load_student, read_student, student_backbone, student_config,
                             teacher_backbone)
-from ph_reg.targets import denoised_target_records
+from ph_reg.method.targets import denoised_target_records
 from test_distill import Pairs, TinyDense, _copies, _dataset, _load, _state
 from test_robustness import SignalAt
 

@@ -21,10 +21,10 @@ from kedro.config import OmegaConfigLoader
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import Tensor, nn
 
-from ph_reg.config import meta_backbone, student_distillation_params
-from ph_reg.denoise import (TTADenoiser, TTAViews, augment_images, image_generators, max_shift, patch_index_grids,
+from ph_reg.params import meta_backbone, student_distillation_params
+from ph_reg.method.tta import (TTADenoiser, TTAViews, augment_images, image_generators, max_shift, patch_index_grids,
                             sample_views, unshift_average)
-from ph_reg.distill import (DistillConfig, TrainingInterrupted, WEIGHT_DECAY_EXEMPTIONS, distill, parameter_groups)
+from ph_reg.method.distill import (DistillConfig, TrainingInterrupted, WEIGHT_DECAY_EXEMPTIONS, distill, parameter_groups)
 from ph_reg.models import DenseOutput
 
 from conftest import PROJECT_ROOT
@@ -334,10 +334,10 @@ def test_views_validation_names_the_problem():
 def test_cached_targets_do_not_depend_on_batch_size_and_equal_online_epoch_0(tmp_path):
     """Teacher denoising (cached) with batch sizes 1 and 3, and OnlineTargets at epoch 0 on a batch of the same
     fixed crops: one target per image, whatever the batching."""
-    from ph_reg.distill import OnlineTargets
+    from ph_reg.method.targets import OnlineTargets
     from ph_reg.models import build_backbone
-    from ph_reg.targets import denoised_target_records
-    from ph_reg.utils import normalize
+    from ph_reg.method.targets import denoised_target_records
+    from ph_reg.runtime import normalize
 
     teacher = build_backbone({"arch": "timm:test_vit", "img_size": 32, "head": "final_norm"})
     pixels = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -362,7 +362,7 @@ def test_zero_shot_tta_head_is_independent_of_batching():
     """maskclip_tta (tta_dense_fn): every crop uses the views of ``seed``, so a crop's features do not depend on
     the other crops of its batch."""
     from ph_reg.models import build_backbone
-    from ph_reg.zeroshot.harness import tta_dense_fn
+    from ph_reg.evaluation.zeroshot.harness import tta_dense_fn
 
     model = build_backbone({"arch": "timm:test_vit", "img_size": 32, "head": "final_norm"}).eval()
     crops = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -22,16 +22,16 @@ from kedro.config import OmegaConfigLoader
 from PIL import Image
 from torch import nn
 
-import ph_reg.dense_eval as dense_eval
-from ph_reg.datasets import COCOObject
-from ph_reg.datasets.base import IGNORE_INDEX
-from ph_reg.datasets.readers import coco_object_lut, coco_object_raw_lut
+import ph_reg.evaluation.dense as dense_eval
+from ph_reg.evaluation.benchmarks import COCOObject
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
+from ph_reg.evaluation.benchmarks.readers import coco_object_lut, coco_object_raw_lut
 from ph_reg.models import BackboneConfig
 from ph_reg.pipelines.evaluation.nodes import cache_probe_features, evaluate_zero_shot_table
-from ph_reg.probes.cache import backbone_features
-from ph_reg.utils import PRECISIONS, autocast_context, check_precision
-from ph_reg.zeroshot import PAPER_SETTINGS, ZeroShotSettings, table1
-from ph_reg.zeroshot.harness import (precision_dense_fn, resize_short_side, resized_size, segment_image,
+from ph_reg.evaluation.probes.cache import backbone_features
+from ph_reg.runtime import PRECISIONS, autocast, check_precision
+from ph_reg.evaluation.zeroshot import PAPER_SETTINGS, ZeroShotSettings, table1
+from ph_reg.evaluation.zeroshot.harness import (precision_dense_fn, resize_short_side, resized_size, segment_image,
                                      sliding_window_logits)
 
 from conftest import PROJECT_ROOT
@@ -268,7 +268,7 @@ def test_a_bad_precision_is_refused_naming_the_key(bad: object) -> None:
     with pytest.raises(ValueError, match=r"evaluation\.precision"):
         cache_probe_features({}, {}, params, seed=0)
     with pytest.raises(ValueError, match="precision"):
-        autocast_context(torch.device("cpu"), bad)
+        autocast(torch.device("cpu"), bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------

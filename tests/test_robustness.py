@@ -24,16 +24,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ph_reg.config import (ConfigError, TTAParams, backbone_params, data_preparation_params,
-                           student_distillation_params, teacher_denoising_params, validate_parameters)
-from ph_reg.data import (SKIP_REPORT_NAME, PreparationConfig, RandomCrops, SkipReport, StoredImageLoader,
+from ph_reg.config import ConfigError
+from ph_reg.params import TTAParams, backbone_params, data_preparation_params, student_distillation_params, teacher_denoising_params, validate_parameters
+from ph_reg.data.images import (SKIP_REPORT_NAME, PreparationConfig, RandomCrops, SkipReport, StoredImageLoader,
                          UnusableImage, iter_source_images, load_image, prepared_records, source_items)
-from ph_reg.distill import DistillConfig, NonFiniteBatchesError, TrainingInterrupted, distill
+from ph_reg.method.distill import DistillConfig, NonFiniteBatchesError, TrainingInterrupted, distill
 from ph_reg.io import (Interrupted, RecordStream, ShardReader, WriteError, save_tensors, write_json,
                        write_stream)
 from ph_reg.models import WeightsUnavailableError, build_backbone
 from kedro.io import DatasetError
-from ph_reg.pipelines.datasets import ShardStoreDataset
+from ph_reg.kedro_datasets import ShardStoreDataset
 from ph_reg.pipelines.data_preparation.nodes import prepare_images
 from ph_reg.pipelines.teacher_denoising.nodes import denoise_teacher
 from test_distill import TinyDense, _copies, _dataset, _load, _state
@@ -517,7 +517,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     sys.path.insert(0, {tests!r})
     from test_distill import TinyDense, _dataset, _state
-    from ph_reg.distill import DistillConfig, TrainingInterrupted, distill
+    from ph_reg.method.distill import DistillConfig, TrainingInterrupted, distill
 
     folder, marker = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -589,8 +589,7 @@ DENOISE = {"head": "final_norm", "tta": {"n_views": 2}, "batch_size": 2, "record
 
 def _count_denoiser_calls(monkeypatch, signal_at=None, fail_at=None):
     """Record the batch sizes the denoiser sees; at the given call (once), send SIGTERM or fail like a GPU would."""
-    from ph_reg import targets
-
+    import ph_reg.method.targets as targets
     calls = []
     original = targets.TTADenoiser.__call__
     triggers = {"signal": signal_at, "fail": fail_at}

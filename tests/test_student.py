@@ -9,7 +9,7 @@ from safetensors import safe_open
 from ph_reg import load_student
 from ph_reg.io import load_tensors, save_tensors, write_json
 from ph_reg.models import build_backbone, trainable_state_dict
-from ph_reg.student import export_merged, student_backbone, student_config, teacher_backbone
+from ph_reg.method.student import export_merged, student_backbone, student_config, teacher_backbone
 
 
 @pytest.mark.parametrize("backbone,head", [({"arch": "open_clip:ph-reg-tiny-ViT-16", "img_size": 64}, "maskclip"),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ph_reg.datasets import SyntheticScenes, render_scene
-from ph_reg.datasets.synthetic import (
+from ph_reg.evaluation.benchmarks import SyntheticScenes, render_scene
+from ph_reg.evaluation.benchmarks.synthetic import (
     BALL,
     BOX,
     CLASS_NAMES,

@@ -20,12 +20,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colorbar import Colorbar
 
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
-from ph_reg.artifact_benchmark import SourceFeatures, artifact_benchmark, benchmark_figure
-from ph_reg.datasets.base import IGNORE_INDEX
-from ph_reg.diagnostics import artifact_report
+from ph_reg.evaluation.planted import SourceFeatures, artifact_benchmark, benchmark_figure
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
+from ph_reg.evaluation.diagnostics import artifact_report
 from ph_reg.pipelines.evaluation.nodes import summarize_evaluation
-from ph_reg.probes.depth import DepthProbeConfig, depth_loss
-from ph_reg.zeroshot import class_palette, table1, zero_shot_figure
+from ph_reg.evaluation.probes.depth import DepthProbeConfig, depth_loss
+from ph_reg.evaluation.zeroshot import class_palette, table1, zero_shot_figure
 from test_viz import browser, browser_binaries  # noqa: F401  (the headless Chromium fixture)
 
 REPORTS = {"evaluation_metrics": "evaluation.json", "zero_shot_metrics": "zero_shot.json",
@@ -169,8 +169,8 @@ def test_zero_shot_figure_shows_the_ground_truth_and_a_colour_legend():
 def test_zero_shot_figures_draw_the_benchmark_ground_truth():
     """Through dense_eval with the tiny CLIP on the synthetic benchmark: the ground-truth panel is the dataset's
     label in the class palette, the legend names the dataset's classes."""
-    from ph_reg.datasets import build_dataset
-    from ph_reg.dense_eval import zero_shot_figures
+    from ph_reg.evaluation.benchmarks import build_dataset
+    from ph_reg.evaluation.dense import zero_shot_figures
     from ph_reg.models import BackboneConfig
 
     spec = {"type": "synthetic", "num_images": 1, "image_size": 64, "seed": 1, "split": "val"}

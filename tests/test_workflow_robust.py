@@ -27,10 +27,10 @@ from PIL import Image
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
 from ph_reg.cli import USER_ERRORS, one_line_user_errors, user_error
 from ph_reg.config import ConfigError
-from ph_reg.data import SKIP_REPORT_NAME
+from ph_reg.data.images import SKIP_REPORT_NAME
 from ph_reg.io import RecordStream, ShardReader, write_stream
 from ph_reg.pipelines.data_preparation.nodes import prepare_images
-from ph_reg.pipelines.datasets import ShardStoreCollectionDataset, ShardStoreDataset
+from ph_reg.kedro_datasets import ShardStoreCollectionDataset, ShardStoreDataset
 
 TYPE_HINT_WARNING = "Could not extract type hints"
 

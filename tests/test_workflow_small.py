@@ -20,10 +20,10 @@ from PIL import Image
 
 import test_viz
 from conftest import PROJECT_ROOT
-from ph_reg.data import SKIP_REPORT_NAME, iter_source_images
+from ph_reg.data.images import SKIP_REPORT_NAME, iter_source_images
 from ph_reg.io import RecordStream, ShardReader, save_tensors
 from ph_reg.pipelines.data_preparation.nodes import prepare_images
-from ph_reg.pipelines.datasets import AtomicFileDataset, SafetensorsDataset, ShardStoreDataset
+from ph_reg.kedro_datasets import AtomicFileDataset, SafetensorsDataset, ShardStoreDataset
 
 BROWSER_SKIP = "chromium and chromedriver not found on PATH"
 

@@ -13,8 +13,9 @@ import torch
 from kedro.config import OmegaConfigLoader
 
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
-from ph_reg.config import ConfigError, validate_parameters
-from ph_reg.distill import RESUME_FREE_SETTINGS, DistillConfig, ResumeMismatchError, distill
+from ph_reg.config import ConfigError
+from ph_reg.params import validate_parameters
+from ph_reg.method.distill import RESUME_FREE_SETTINGS, DistillConfig, ResumeMismatchError, distill
 from test_distill import _copies, _dataset, _load, _state
 
 
@@ -228,7 +229,7 @@ def test_checkpoint_without_recorded_settings_compares_the_training_config(tmp_p
     torch.save(state, tmp_path / "last.ckpt")
     with pytest.raises(ResumeMismatchError, match="student_distillation.training.lr: 0.01 in the checkpoint"):
         _resume(fresh(), tmp_path, config=DistillConfig(**{**CONFIG.__dict__, "lr": 2e-2}))
-    with caplog.at_level(logging.WARNING, logger="ph_reg.distill"):
+    with caplog.at_level(logging.WARNING, logger="ph_reg.method.distill"):
         _resume(fresh(), tmp_path)
     assert "only student_distillation.training is compared" in caplog.text
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from ph_reg.datasets.base import DenseDataset, DenseSample
+from ph_reg.evaluation.benchmarks.base import DenseDataset, DenseSample
 from ph_reg.models import BackboneConfig, build_backbone
 from ph_reg.models.backbone import build_open_clip_model
-from ph_reg.zeroshot import (
+from ph_reg.evaluation.zeroshot import (
     BENCHMARKS,
     OPENAI_IMAGENET_TEMPLATES,
     PAPER_SETTINGS,

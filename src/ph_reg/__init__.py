@@ -11,11 +11,11 @@ __all__ = ["load_student", "build_backbone", "BackboneConfig"]
 
 def __getattr__(name: str):
     if name == "load_student":
-        from .student import load_student
+        from ph_reg.method.student import load_student
 
         return load_student
     if name in ("build_backbone", "BackboneConfig"):
-        from . import models
+        from ph_reg import models
 
         return getattr(models, name)
     raise AttributeError(f"module 'ph_reg' has no attribute {name!r}")

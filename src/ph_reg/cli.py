@@ -28,11 +28,11 @@ USER_ERRORS = frozenset({
     "ph_reg.config.ConfigError",                      # invalid parameter <key>: got <value>; allowed: ...
     "builtins.FileNotFoundError",                     # a configured path, a store or a weights file that is missing
     "kedro.config.abstract_config.MissingConfigException",  # e.g. a misspelt --env
-    "ph_reg.data.ImageSourceError",                   # no usable image; a bad file under on_error: raise
+    "ph_reg.data.images.ImageSourceError",                   # no usable image; a bad file under on_error: raise
     "ph_reg.io.WriteError",                           # cannot write <file>: [Errno 28] No space left on device
     "ph_reg.io.Interrupted",                          # stopped by SIGTERM, finished work saved; rerun to resume
-    "ph_reg.distill.NonFiniteBatchesError",           # too many non-finite batches: lower the learning rate
-    "ph_reg.distill.ResumeMismatchError",             # resume with settings that differ from the checkpoint's
+    "ph_reg.method.distill.NonFiniteBatchesError",           # too many non-finite batches: lower the learning rate
+    "ph_reg.method.distill.ResumeMismatchError",             # resume with settings that differ from the checkpoint's
     "ph_reg.models.backbone.WeightsUnavailableError",  # no network and no cached or local weights
 })
 

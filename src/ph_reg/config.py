@@ -1,39 +1,17 @@
-"""Typed, validated run parameters: every mistake is caught at pipeline start with a message naming the key, the
-value and what is allowed.
-
-Each pipeline's nodes call the ``*_params`` function of their section first; :func:`validate_parameters` checks
-every section at once (for a hook before the run). The architecture is looked up on PyTorch's ``meta`` device: no
-weights are built or downloaded, so the check takes a fraction of a second even for a ViT-g.
+"""Configuration primitives, a leaf of the library (it imports nothing of ph_reg): :class:`ConfigError`, the field
+checks, and :func:`from_mapping`, the one way a frozen config dataclass is built from a YAML mapping with
+unknown-key errors. The config dataclasses themselves live beside the code they configure; :mod:`ph_reg.params`
+turns the YAML sections of a run into them and checks what ties the sections together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
-import torch
-
-from .data import BUILTIN_SOURCE, DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR_POLICIES, PreparationConfig
-from .distill import TARGET_MODES, DistillConfig
-from .models.backbone import (DEFAULT_POS_EMBED_INTERP, DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, POS_EMBED_INTERP,
-                              BackboneConfig, DenseViT, OpenClipDenseViT, TimmDenseViT, timm_kwargs)
-from .targets import DTYPES
-
-SPLITS = ("train", "val")
-#: shift_frac must lie strictly inside this interval (method.md: shifts of up to half the grid alias).
-SHIFT_FRAC_BOUNDS = (0.0, 0.5)
-SUGGESTIONS = 3
-#: The top-level sections of the parameters; any other top-level key is refused (a misspelt section would else be
-#: ignored, and its section's defaults used without a word).
-SECTIONS = ("seed", "backbone", "data_preparation", "teacher_denoising", "student_distillation", "evaluation")
 T = TypeVar("T")
 
 
@@ -91,6 +69,8 @@ def _bool(key: str, value: Any) -> bool:
 def _device(key: str, value: Any) -> str:
     if value == "auto":
         return value
+    import torch  # only here: the rest of this leaf needs no torch
+
     try:
         torch.device(value)
     except (RuntimeError, TypeError, ValueError):
@@ -129,559 +109,59 @@ def _typed(key: str, values: Any, build: Callable[[], T], fields: Sequence[str] 
         raise ConfigError(key, values, message, reason=message) from None
 
 
-# --- backbone --------------------------------------------------------------------------------------------------
+# --- typed configs from mappings ------------------------------------------------------------------------------
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """open_clip warns "initialized randomly" for every model it builds: not news for a meta-device check."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
+#: ``field(metadata=...)`` builders for :func:`from_mapping`: each returns ``{"check": fn}`` where ``fn(key, value)``
+#: returns the accepted value or raises a ConfigError naming ``key``.
+def at_least(minimum: int) -> dict[str, Any]:
+    return {"check": lambda key, value: _int(key, value, minimum)}
 
 
-def _check_arch(arch: Any, key: str = "backbone.arch") -> tuple[str, str]:
-    families = tuple(HEADS)
-    if not isinstance(arch, str) or arch.partition(":")[0] not in families or not arch.partition(":")[2]:
-        raise ConfigError(key, arch, f"'<family>:<name>' with family one of {list(families)}, e.g. "
-                                     f"'open_clip:ViT-B-16' or 'timm:vit_base_patch14_dinov2'")
-    family, _, name = arch.partition(":")
-    if family == "open_clip":
-        import open_clip
+def optional_at_least(minimum: int) -> dict[str, Any]:
+    return {"check": lambda key, value: _optional_int(key, value, minimum)}
 
-        if name.startswith(HF_HUB_PREFIX) or open_clip.get_model_config(name) is not None:
-            return family, name
-        names = open_clip.list_models()
-    else:
-        import timm
 
-        if timm.is_model(name.partition(".")[0]):
-            return family, name
-        names = timm.list_models()
-    close = difflib.get_close_matches(name, names, SUGGESTIONS)
-    hint = f"; did you mean {[f'{family}:{c}' for c in close]}?" if close else ""
-    raise ConfigError(key, arch, f"an architecture {family} knows (see {family}.list_models()){hint}")
+def number_in(low: float, high: float, closed: bool = True) -> dict[str, Any]:
+    return {"check": lambda key, value: _number(key, value, low, high, closed)}
 
 
-def _check_pretrained(family: str, name: str, tag: Any, key: str = "backbone.pretrained") -> None:
-    if tag is None or name.startswith(HF_HUB_PREFIX):
-        return
-    if not isinstance(tag, str) or not tag:
-        raise ConfigError(key, tag, "null (random or checkpoint weights) or a pretrained tag string")
-    if family == "open_clip":
-        import open_clip
+def one_of(choices: Sequence[Any]) -> dict[str, Any]:
+    return {"check": lambda key, value: _choice(key, value, choices)}
 
-        tags = open_clip.list_pretrained_tags_by_model(name)
-    else:
-        import timm
 
-        if "." in name:
-            raise ConfigError(key, tag, f"null: the arch {name!r} already names its tag after the dot")
-        tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{name}.*")]
-    if tag not in tags:
-        raise ConfigError(key, tag, f"a pretrained tag of {family}:{name}: {tags}" if tags else
-                          f"null: {family}:{name} has no pretrained weights (set backbone.checkpoint to a local file)")
+def boolean() -> dict[str, Any]:
+    return {"check": _bool}
 
 
-def patch_size(config: BackboneConfig) -> int | None:
-    """The patch size of ``config.arch`` without building weights; None for ``hf-hub:`` names (read from the hub)."""
-    if config.model_name.startswith(HF_HUB_PREFIX):
-        return None
-    if config.family == "open_clip":
-        import open_clip
+def device() -> dict[str, Any]:
+    return {"check": _device}
 
-        vision = open_clip.get_model_config(config.model_name)["vision_cfg"]
-        patch = vision.get("patch_size", 0)
-        return patch[0] if isinstance(patch, (tuple, list)) else patch
-    import timm
 
-    with torch.device("meta"), _quiet():
-        vit = timm.create_model(config.model_name, pretrained=False, **dict(config.model_kwargs))
-    return vit.patch_embed.patch_size[0]
+def from_mapping(cls: type[T], values: Any, section: str) -> T:
+    """The one way a frozen config dataclass is built from configuration values.
 
-
-def meta_backbone(config: BackboneConfig) -> DenseViT | None:
-    """The architecture of ``config`` on the ``meta`` device (parameter names and shapes, no data, no download), to
-    check trainable-group names; None for ``hf-hub:`` names."""
-    if config.model_name.startswith(HF_HUB_PREFIX):
-        return None
-    shape_only = dataclasses.replace(config, pretrained=None, checkpoint=None)
-    with torch.device("meta"), _quiet():
-        if config.family == "open_clip":
-            import open_clip
-
-            model = open_clip.create_model(config.model_name, device="meta", **dict(config.model_kwargs))
-            return OpenClipDenseViT(shape_only, model.visual)
-        import timm
-
-        vit = timm.create_model(config.model_name, pretrained=False, **timm_kwargs(config))
-        return TimmDenseViT(shape_only, vit)
-
-
-def check_resolution(key: str, size: Any, patch: int | None, arch: str) -> None:
-    """``size`` must be a positive multiple of the backbone's patch size."""
-    _int(key, size, 1)
-    if patch and size % patch:
-        lower, upper = max(patch, size - size % patch), size - size % patch + patch
-        raise ConfigError(key, size, f"a multiple of the patch size {patch} of {arch}, e.g. {lower} or {upper}")
-
-
-def backbone_params(backbone: Mapping[str, Any], head: Any = "default", num_registers: Any = 0,
-                    head_key: str = "head", registers_key: str = "num_registers",
-                    student: bool = False) -> BackboneConfig:
-    """Validate the ``backbone`` section with a head and a register count from another section; ``student``: the
-    config is the distilled student's (``BackboneConfig.student``), else a frozen model's."""
-    known = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("head", "num_registers", "student")]
-    _known_keys("backbone", backbone, known)
-    family, name = _check_arch(backbone.get("arch"))
-    if head not in HEADS[family]:
-        raise ConfigError(head_key, head, f"a {family} head: {list(HEADS[family])}")
-    _int(registers_key, num_registers, 0)
-    _check_pretrained(family, name, backbone.get("pretrained"))
-    checkpoint = backbone.get("checkpoint")
-    if checkpoint is not None:
-        if backbone.get("pretrained") is not None:
-            raise ConfigError("backbone.checkpoint", checkpoint, "null when backbone.pretrained is set (use one)")
-        if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"invalid parameter backbone.checkpoint: got {checkpoint!r}, which is not an "
-                                    f"existing file; allowed: null, or the path of a local weights file")
-    _int("backbone.init_seed", backbone.get("init_seed", 0), 0)
-    _choice("backbone.pos_embed_interp", backbone.get("pos_embed_interp", DEFAULT_POS_EMBED_INTERP), POS_EMBED_INTERP)
-    size = backbone.get("img_size", 224)
-    config = BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers, "student": student})
-    check_resolution("backbone.img_size", size, patch_size(config), config.arch)
-    return config
-
-
-# --- sections --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DataPreparationParams:
-    """The ``data_preparation`` section."""
-
-    config: PreparationConfig
-    records_per_shard: int | None = None
-
-
-def data_preparation_params(values: Mapping[str, Any], section: str = "data_preparation") -> DataPreparationParams:
-    """Validate ``data_preparation``; a folder source must exist."""
-    known = [f.name for f in dataclasses.fields(PreparationConfig)] + ["records_per_shard"]
-    _known_keys(section, values, known)
-    defaults = PreparationConfig()
-    get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-    source = get("source")
-    if not isinstance(source, str) or not source:
-        raise ConfigError(f"{section}.source", source, f"{BUILTIN_SOURCE!r} or the path of a folder of images")
-    if not source.startswith("builtin:") and not Path(source).is_dir():
-        raise FileNotFoundError(f"invalid parameter {section}.source: got {source!r}, which is not an existing "
-                                f"folder; allowed: a folder of images, or {BUILTIN_SOURCE!r}")
-    if source.startswith("builtin:"):
-        _choice(f"{section}.source", source, [BUILTIN_SOURCE])
-    image_size = _int(f"{section}.image_size", get("image_size"), 1)
-    config = PreparationConfig(
-        source=source,
-        image_size=image_size,
-        crops_per_image=_int(f"{section}.crops_per_image", get("crops_per_image"), 1),
-        val_fraction=_val_fraction(f"{section}.val_fraction", get("val_fraction")),
-        min_side=_int(f"{section}.min_side", get("min_side"), 1),
-        on_error=_choice(f"{section}.on_error", get("on_error"), ON_ERROR_POLICIES),
-        max_images=_optional_int(f"{section}.max_images", get("max_images"), 1),
-        max_image_pixels=_optional_int(f"{section}.max_image_pixels", values.get("max_image_pixels",
-                                                                                   DEFAULT_MAX_IMAGE_PIXELS), 1),
-    )
-    records = _optional_int(f"{section}.records_per_shard", values.get("records_per_shard"), 1)
-    return DataPreparationParams(config, records)
-
-
-def _val_fraction(key: str, value: Any) -> float:
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not numeric or not 0.0 <= value < 1.0:
-        raise ConfigError(key, value, "a number in [0, 1)")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class TTAParams:
-    """``teacher_denoising.tta``: the test-time augmentation of the teacher (method.md section 4)."""
-
-    n_views: int = 10
-    shift_frac: float = 0.15
-    flip_prob: float = 0.5
-    pool_factor: int = 10
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising.tta") -> "TTAParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        low, high = SHIFT_FRAC_BOUNDS
-        return cls(n_views=_int(f"{section}.n_views", get("n_views"), 1),
-                   shift_frac=_number(f"{section}.shift_frac", get("shift_frac"), low, high, closed=False),
-                   flip_prob=_number(f"{section}.flip_prob", get("flip_prob"), 0.0, 1.0),
-                   pool_factor=_int(f"{section}.pool_factor", get("pool_factor"), 1))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class TeacherDenoisingParams:
-    """The ``teacher_denoising`` section."""
-
-    mode: str = "cached"
-    head: str = "naclip"
-    tta: TTAParams = field(default_factory=TTAParams)
-    batch_size: int = 4
-    max_images_per_forward: int = 20
-    target_dtype: str = "float32"
-    records_per_shard: int = 64
-    device: str = "auto"
-    resume: bool = True
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising") -> "TeacherDenoisingParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        return cls(mode=_choice(f"{section}.mode", get("mode"), TARGET_MODES),
-                   head=get("head"),
-                   tta=TTAParams.from_dict(values.get("tta", {}), f"{section}.tta"),
-                   batch_size=_int(f"{section}.batch_size", get("batch_size"), 1),
-                   max_images_per_forward=_int(f"{section}.max_images_per_forward", get("max_images_per_forward"), 1),
-                   target_dtype=_choice(f"{section}.target_dtype", get("target_dtype"), sorted(DTYPES)),
-                   records_per_shard=_int(f"{section}.records_per_shard", get("records_per_shard"), 1),
-                   device=_device(f"{section}.device", get("device")),
-                   resume=_bool(f"{section}.resume", get("resume")))
-
-
-def teacher_denoising_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
-                             ) -> tuple[BackboneConfig, TeacherDenoisingParams]:
-    """Validate ``teacher_denoising`` and the teacher's backbone (its head, no registers)."""
-    params = TeacherDenoisingParams.from_dict(values)
-    config = backbone_params(backbone, params.head, 0, head_key="teacher_denoising.head")
-    return config, params
-
-
-@dataclass(frozen=True)
-class StudentDistillationParams:
-    """The ``student_distillation`` section."""
-
-    head: str = "maskclip"
-    num_registers: int = 16
-    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
-    train_split: str = "train"
-    targets: str = "cached"
-    checkpoint_dir: str | None = None
-    snapshot_dir: str | None = None   # the epoch snapshots of training.snapshot_every / snapshot_epochs (null: none)
-    training: DistillConfig = field(default_factory=DistillConfig)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "student_distillation") -> "StudentDistillationParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        trainable = get("trainable")
-        if isinstance(trainable, str):
-            trainable = [trainable]
-        if not isinstance(trainable, Sequence) or not trainable or not all(isinstance(t, str) for t in trainable):
-            raise ConfigError(f"{section}.trainable", trainable,
-                              f"a non-empty list of groups from {list(DEFAULT_TRAINABLE)}, 'block:<index>' or "
-                              f"fnmatch patterns on parameter names")
-        checkpoint_dir = get("checkpoint_dir")
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise ConfigError(f"{section}.checkpoint_dir", checkpoint_dir, "null or a folder path")
-        snapshot_dir = get("snapshot_dir")
-        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise ConfigError(f"{section}.snapshot_dir", snapshot_dir, "null or a folder path")
-        return cls(head=get("head"),
-                   num_registers=_int(f"{section}.num_registers", get("num_registers"), 0),
-                   trainable=tuple(trainable),
-                   train_split=_choice(f"{section}.train_split", get("train_split"), SPLITS),
-                   targets=_choice(f"{section}.targets", get("targets"), TARGET_MODES),
-                   checkpoint_dir=checkpoint_dir,
-                   snapshot_dir=snapshot_dir,
-                   training=DistillConfig.from_dict(dict(values.get("training", {})), f"{section}.training"))
-
-
-def check_trainable(config: BackboneConfig, trainable: Sequence[str], model: DenseViT | None = None,
-                    key: str = "student_distillation.trainable") -> None:
-    """Every trainable group must unlock some parameter of the architecture (``registers`` may match none)."""
-    model = model if model is not None else meta_backbone(config)
-    if model is None:
-        return
-    for name in trainable:
-        try:
-            model.set_trainable([name])
-        except ValueError as error:
-            raise ConfigError(key, name, f"{list(DEFAULT_TRAINABLE)}, 'block:<index>' or an fnmatch pattern "
-                                         f"matching parameters of {config.arch} ({error})") from None
-
-
-def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
-                                ) -> tuple[BackboneConfig, StudentDistillationParams]:
-    """Validate ``student_distillation``, the student's backbone (head, registers) and its trainable groups."""
-    params = StudentDistillationParams.from_dict(values)
-    config = backbone_params(backbone, params.head, params.num_registers, head_key="student_distillation.head",
-                             registers_key="student_distillation.num_registers", student=True)
-    check_trainable(config, params.trainable)
-    return config, params
-
-
-def check_student_snapshot(epoch: Any, params: StudentDistillationParams,
-                           key: str = "evaluation.student_snapshot") -> int:
-    """``evaluation.student_snapshot`` must name an epoch that the training keeps a snapshot of (checked before
-    training starts, so a 100-epoch run never ends without the snapshot its evaluation needs)."""
-    kept = params.training.snapshot_epoch_numbers() if params.snapshot_dir is not None else []
-    if not _is_int(epoch) or epoch not in kept:
-        raise ConfigError(key, epoch, f"null (the final student) or an epoch the training keeps a snapshot of: {kept} "
-                                      f"(student_distillation.training.snapshot_every, snapshot_epochs and epochs; "
-                                      f"student_distillation.snapshot_dir)")
-    return epoch
-
-
-# --- evaluation ------------------------------------------------------------------------------------------------
-
-EVALUATION_KEYS = ("student_snapshot", "split", "max_images", "outlier_k", "batch_size", "figure_images", "device",
-                   "precision", "planted", "zero_shot", "probes")
-EVALUATION_OPTIONAL = ("student_snapshot", "max_images")
-PLANTED_KEYS = ("max_images", "low_cosine", "reference_views")
-ZERO_SHOT_KEYS = ("heads", "tta_views", "text_batch_size", "run", "benchmarks", "figure")
-ZERO_SHOT_BENCHMARK_KEYS = ("dataset", "classes", "settings")
-ZERO_SHOT_FIGURE_KEYS = ("benchmark", "images", "query")
-PROBES_KEYS = ("mode", "loader_workers", "teacher_head", "feature_dtype", "published", "run", "tasks")
-#: The keys of a probe benchmark ``evaluation.probes.tasks.<task>.<benchmark>`` (the first four are required).
-PROBE_BENCHMARK_KEYS = {
-    "segmentation": ("train", "val", "crop_size", "stride", "short_side", "augment", "probe"),
-    "depth": ("train", "val", "crop_size", "stride", "short_side", "flip_tta", "eigen_crop", "augment", "probe"),
-}
-PROBE_BENCHMARK_REQUIRED = ("train", "val", "crop_size", "stride")
-
-
-def _required(section: str, values: Mapping[str, Any], keys: Sequence[str]) -> None:
-    missing = [k for k in keys if k not in values]
-    if missing:
-        raise ConfigError(f"{section}.{missing[0]}", None, "", reason=f"missing; {section} needs the keys {list(keys)}")
-
-
-def _name(key: str, value: Any, allowed: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``allowed``, else a ConfigError with the close match."""
-    if value not in allowed:
-        close = difflib.get_close_matches(value, [str(a) for a in allowed], 1) if isinstance(value, str) else []
-        raise ConfigError(key, value, f"one of {list(allowed)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return value
-
-
-def _names(key: str, value: Any, allowed: Sequence[str], what: str) -> list[str]:
-    """A list of entries of ``allowed`` (a single string counts as a list of one)."""
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ConfigError(key, value, f"a list of {what}: {list(allowed)}")
-    for entry in value:
-        _name(key, entry, allowed)
-    return list(value)
-
-
-def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _dataset_spec(key: str, spec: Any) -> None:
-    """A ``build_dataset`` spec, checked without reading data: its type, its keys and the arguments it requires."""
-    from .datasets import DATASETS, dataset_arguments, dataset_keys
-
-    if not isinstance(spec, Mapping):
-        raise ConfigError(key, spec, f"a dataset spec: a mapping with 'type' (one of {sorted(DATASETS)}) and the "
-                                     f"dataset's arguments, e.g. {{type: voc, root: data/01_raw/VOCdevkit/VOC2012}}")
-    kind = _name(f"{key}.type", spec.get("type"), sorted(DATASETS))
-    accepted = dataset_keys(DATASETS[kind])
-    _known_keys(key, spec, ["type", *accepted])
-    _typed(key, spec, lambda: dataset_arguments(spec), accepted)
-
-
-def _zero_shot_benchmark(key: str, spec: Any) -> list[str] | None:
-    """One ``evaluation.zero_shot.benchmarks`` entry; returns its queries where known without data (None for
-    ``classes: dataset``)."""
-    from .dense_eval import CLASSES_FROM_DATASET
-    from .zeroshot import BENCHMARKS, ZeroShotSettings, load_class_file, parse_class_lines
-
-    _known_keys(key, spec, ZERO_SHOT_BENCHMARK_KEYS)
-    _required(key, spec, ("dataset", "settings"))
-    _dataset_spec(f"{key}.dataset", spec["dataset"])
-    settings = spec["settings"]
-    _known_keys(f"{key}.settings", settings, _fields(ZeroShotSettings))
-    _typed(f"{key}.settings", settings, lambda: ZeroShotSettings.from_dict(settings), _fields(ZeroShotSettings))
-    classes = spec.get("classes", CLASSES_FROM_DATASET)
-    if isinstance(classes, str):
-        _name(f"{key}.classes", classes, [CLASSES_FROM_DATASET, *sorted(BENCHMARKS)])
-        return None if classes == CLASSES_FROM_DATASET else parse_class_lines(load_class_file(classes))[0]
-    if not isinstance(classes, Sequence) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise ConfigError(f"{key}.classes", classes, f"{CLASSES_FROM_DATASET!r} (the dataset's class names), a shipped "
-                                                     f"class file {sorted(BENCHMARKS)} or a list of class lines")
-    return _typed(f"{key}.classes", classes, lambda: parse_class_lines(list(classes)))[0]
-
-
-def _zero_shot(key: str, values: Any) -> None:
-    from .dense_eval import STUDENT_HEAD
-    from .zeroshot import ZERO_SHOT_HEADS
-
-    _known_keys(key, values, ZERO_SHOT_KEYS)
-    _required(key, values, ZERO_SHOT_KEYS)
-    if not _names(f"{key}.heads", values["heads"], (*ZERO_SHOT_HEADS, STUDENT_HEAD), "zero-shot heads"):
-        raise ConfigError(f"{key}.heads", values["heads"], "a non-empty list of heads (run: [] skips zero-shot)")
-    _int(f"{key}.tta_views", values["tta_views"], 1)
-    _int(f"{key}.text_batch_size", values["text_batch_size"], 1)
-    benchmarks = values["benchmarks"] or {}
-    if not isinstance(benchmarks, Mapping):
-        raise ConfigError(f"{key}.benchmarks", benchmarks, "a mapping of benchmark names to {dataset, classes, "
-                                                           "settings}")
-    queries = {name: _zero_shot_benchmark(f"{key}.benchmarks.{name}", spec) for name, spec in benchmarks.items()}
-    run = _names(f"{key}.run", values["run"], list(benchmarks), f"benchmarks defined in {key}.benchmarks")
-    figure = values["figure"]
-    _known_keys(f"{key}.figure", figure, ZERO_SHOT_FIGURE_KEYS)
-    _required(f"{key}.figure", figure, ZERO_SHOT_FIGURE_KEYS)
-    _int(f"{key}.figure.images", figure["images"], 1)
-    if not run:   # no zero-shot evaluation, no figure
-        return
-    benchmark = _name(f"{key}.figure.benchmark", figure["benchmark"], list(benchmarks))
-    known_queries = queries[benchmark]
-    if not isinstance(figure["query"], str) or (known_queries is not None and figure["query"] not in known_queries):
-        raise ConfigError(f"{key}.figure.query", figure["query"],
-                          f"one of the queries of {key}.benchmarks.{benchmark}: {known_queries}" if known_queries
-                          else "a class name of the benchmark's dataset")
-
-
-def _probe_benchmark(key: str, task: str, spec: Any, patch: int | None, batch_size: int, feature_dtype: str) -> None:
-    """One ``evaluation.probes.tasks.<task>.<benchmark>`` entry: its datasets, the crop, stride and short side as
-    the feature cache checks them (with the backbone's patch size), the online augmentation and the probe recipe."""
-    from types import SimpleNamespace
-
-    from .probes.cache import SPLIT_KINDS, TRAIN_CROPS, _check_args
-    from .probes.depth import DepthProbeConfig
-    from .probes.online import AUGMENTATIONS, augmentation_for
-    from .probes.segmentation import SegmentationProbeConfig
-
-    keys = PROBE_BENCHMARK_KEYS[task]
-    _known_keys(key, spec, keys)
-    _required(key, spec, PROBE_BENCHMARK_REQUIRED)
-    for split in ("train", "val"):
-        _dataset_spec(f"{key}.{split}", spec[split])
-    _int(f"{key}.crop_size", spec["crop_size"], 1)
-    _optional_int(f"{key}.stride", spec["stride"], 1)
-    _optional_int(f"{key}.short_side", spec.get("short_side"), 1)
-    for flag in ("flip_tta", "eigen_crop"):
-        if flag in spec:
-            _bool(f"{key}.{flag}", spec[flag])
-    model = SimpleNamespace(patch_size=patch or 1)   # the feature cache's own checks, with the backbone's patch size
-    for kind in SPLIT_KINDS:
-        _typed(key, spec, lambda: _check_args(model, spec["crop_size"], spec["stride"] if kind == "val" else None,
-                                              kind, batch_size, spec.get("short_side"), feature_dtype,
-                                              TRAIN_CROPS[0]), keys)
-    augment = spec.get("augment")
-    if augment is not None:
-        _known_keys(f"{key}.augment", augment, _fields(AUGMENTATIONS[task]))
-    _typed(f"{key}.augment", augment or {}, lambda: augmentation_for(task, spec), _fields(AUGMENTATIONS[task]))
-    recipe = {"segmentation": SegmentationProbeConfig, "depth": DepthProbeConfig}[task]
-    probe = spec.get("probe") or {}
-    _known_keys(f"{key}.probe", probe, _fields(recipe))
-    _typed(f"{key}.probe", probe, lambda: recipe.from_dict(probe), _fields(recipe))
-
-
-def _probes(key: str, values: Any, backbone: BackboneConfig, batch_size: int) -> None:
-    from .dense_eval import PROBE_TASKS, PUBLISHED_TABLE2
-    from .probes.cache import FEATURE_DTYPES
-    from .probes.online import PROBE_MODES
-
-    _known_keys(key, values, PROBES_KEYS)
-    _required(key, values, [k for k in PROBES_KEYS if k != "published"])
-    _choice(f"{key}.mode", values["mode"], PROBE_MODES)
-    _int(f"{key}.loader_workers", values["loader_workers"], 0)
-    _name(f"{key}.teacher_head", values["teacher_head"], HEADS[backbone.family])
-    feature_dtype = _name(f"{key}.feature_dtype", values["feature_dtype"], sorted(FEATURE_DTYPES))
-    if values.get("published") is not None:
-        _name(f"{key}.published", values["published"], sorted(PUBLISHED_TABLE2))
-    tasks = values["tasks"] or {}
-    _known_keys(f"{key}.tasks", tasks, PROBE_TASKS)
-    patch = patch_size(backbone)
-    defined = []
-    for task, benchmarks in tasks.items():
-        if not isinstance(benchmarks or {}, Mapping):
-            raise ConfigError(f"{key}.tasks.{task}", benchmarks, "a mapping of benchmark names to probe benchmarks")
-        for name, spec in (benchmarks or {}).items():
-            _probe_benchmark(f"{key}.tasks.{task}.{name}", task, spec, patch, batch_size, feature_dtype)
-            defined.append(f"{task}/{name}")
-    _names(f"{key}.run", values["run"], defined, f"'<task>/<benchmark>' entries of {key}.tasks")
-
-
-def evaluation_params(values: Mapping[str, Any], backbone: BackboneConfig, section: str = "evaluation"
-                      ) -> dict[str, Any]:
-    """Validate the ``evaluation`` section for ``backbone`` (the evaluated base model) without reading any data:
-    every key (a typo gets the close match), its type and allowed values; each zero-shot benchmark (its dataset
-    spec, classes and ``ZeroShotSettings``); each probe benchmark (its dataset specs, the crop, stride and short
-    side as the feature cache checks them, the online ``augment`` and the ``probe`` recipe:
-    ``SegmentationProbeConfig`` / ``DepthProbeConfig``); and that every ``run`` entry and the zero-shot figure
-    name a defined benchmark. The typed configs' own ``from_dict`` checks do the work, their errors re-raised with
-    the dotted key. Returns the section as a dict (the nodes read it so)."""
-    from .utils import PRECISIONS
-
-    _known_keys(section, values, EVALUATION_KEYS)
-    _required(section, values, [k for k in EVALUATION_KEYS if k not in EVALUATION_OPTIONAL])
-    _optional_int(f"{section}.student_snapshot", values.get("student_snapshot"), 1)
-    _choice(f"{section}.split", values["split"], SPLITS)
-    _optional_int(f"{section}.max_images", values.get("max_images"), 1)
-    _number(f"{section}.outlier_k", values["outlier_k"], 0.0, float("inf"), closed=False)
-    batch_size = _int(f"{section}.batch_size", values["batch_size"], 1)
-    _int(f"{section}.figure_images", values["figure_images"], 1)
-    _device(f"{section}.device", values["device"])
-    _choice(f"{section}.precision", values["precision"], PRECISIONS)
-    planted = values["planted"]
-    _known_keys(f"{section}.planted", planted, PLANTED_KEYS)
-    _required(f"{section}.planted", planted, PLANTED_KEYS)
-    _optional_int(f"{section}.planted.max_images", planted["max_images"], 1)
-    _number(f"{section}.planted.low_cosine", planted["low_cosine"], -1.0, 1.0)
-    _int(f"{section}.planted.reference_views", planted["reference_views"], 1)
-    _zero_shot(f"{section}.zero_shot", values["zero_shot"])
-    _probes(f"{section}.probes", values["probes"], backbone, batch_size)
-    return dict(values)
-
-
-def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | None = None) -> dict[str, Any]:
-    """Check a run's parameters before anything runs; return the typed sections.
-
-    Every top-level key must be one of ``SECTIONS`` (a misspelt section is refused with the close match). The
-    sections ``data_preparation``, ``teacher_denoising``, ``student_distillation`` and ``evaluation`` (each with
-    ``backbone``) are checked whole; ``sections`` limits the check to those (default: every one present; the
-    validation hook passes the sections its pipeline's nodes read). Also checks what ties the sections together:
-    the crop size is a multiple of the patch size, cached student targets need a cached teacher, and
-    ``evaluation.student_snapshot`` names a snapshot the training keeps.
+    ``values`` None gives the defaults and an instance of ``cls`` is returned as it is. Otherwise ``values`` must be
+    a mapping whose keys are fields of ``cls`` (an unknown key is refused with the close match); a field whose
+    metadata has ``"check"`` (see :func:`at_least` and its siblings) is checked by it, and a field whose default is
+    a dataclass is built from its sub-mapping the same way. The class's own ``__post_init__`` checks run last; their
+    TypeError or ValueError becomes a ConfigError naming ``<section>.<field>`` for the first field its message
+    names. Every error names the dotted key ``<section>.<field>``.
     """
-    _known_keys("", params, SECTIONS)
-    if "seed" in params:
-        _int("seed", params["seed"], 0)
-    wanted = [name for name in (sections if sections is not None else params) if name in params]
-    backbone = params.get("backbone")
-    if backbone is None:
-        raise ConfigError("backbone", None, "a mapping with at least 'arch'")
-    result: dict[str, Any] = {}
-    if "data_preparation" in wanted:
-        result["data_preparation"] = data_preparation_params(params["data_preparation"])
-    if "teacher_denoising" in wanted:
-        result["teacher"], result["teacher_denoising"] = teacher_denoising_params(backbone, params["teacher_denoising"])
-    if "student_distillation" in wanted:
-        student, distill_params = student_distillation_params(backbone, params["student_distillation"])
-        result["student"], result["student_distillation"] = student, distill_params
-        teacher = result.get("teacher_denoising")
-        if teacher is not None and distill_params.targets == "cached" and teacher.mode != "cached":
-            raise ConfigError("student_distillation.targets", distill_params.targets,
-                              f"'online' while teacher_denoising.mode is {teacher.mode!r} (or set both to 'cached')")
-        evaluation = params.get("evaluation")
-        if isinstance(evaluation, Mapping) and evaluation.get("student_snapshot") is not None:
-            check_student_snapshot(evaluation["student_snapshot"], distill_params)
-    if "data_preparation" in result or "evaluation" in wanted:
-        config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
-        if "data_preparation" in result:
-            check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,
-                             patch_size(config), config.arch)
-        if "evaluation" in wanted:
-            result["evaluation"] = evaluation_params(params["evaluation"], config)
-    return result
+    if values is None:
+        return cls()
+    if isinstance(values, cls):
+        return values
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _known_keys(section, values, list(fields))
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        spec, key = fields[name], f"{section}.{name}"
+        nested = spec.default_factory if spec.default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            value = from_mapping(nested, value, key)
+        elif "check" in spec.metadata:
+            value = spec.metadata["check"](key, value)
+        kwargs[name] = value
+    return _typed(section, values, lambda: cls(**kwargs), list(fields))
+
+

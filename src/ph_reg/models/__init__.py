@@ -1,6 +1,6 @@
 """Dense ViT backbones (open_clip CLIP and timm ViTs) with post-hoc registers and training-free CLIP heads."""
 
-from .backbone import (
+from ph_reg.models.backbone import (
     DEFAULT_TRAINABLE,
     POS_EMBED_INTERP,
     BackboneConfig,
@@ -13,7 +13,7 @@ from .backbone import (
     resize_pos_embed,
     trainable_state_dict,
 )
-from .clip_heads import CLIP_HEADS, NACLIP_SIGMA, naclip_omega
+from ph_reg.models.clip_heads import CLIP_HEADS, NACLIP_SIGMA, naclip_omega
 
 __all__ = [
     "CLIP_HEADS",

@@ -14,7 +14,7 @@
 - Positional embedding at grids other than the stored one: ``BackboneConfig.pos_embed_interp`` (see
   :data:`POS_EMBED_INTERP`), ``"official"`` resizing once from the pretrained table as the official code does,
   ``"explicit_size"`` this project's earlier rule.
-- ``implant`` (optional, see :mod:`ph_reg.implant`): planted artifact tokens with a known mask, carried by every
+- ``implant`` (optional, see :mod:`ph_reg.models.implant`): planted artifact tokens with a known mask, carried by every
   model built from the config (teacher and student); ``forward_tokens(images, pre_norm=True)`` returns the
   residual-stream tokens before any final normalisation, where their norm is visible.
 """
@@ -41,8 +41,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..implant import ArtifactImplant, ImplantConfig
-from .clip_heads import CLIP_HEADS
+from ph_reg.models.implant import ArtifactImplant, ImplantConfig
+from ph_reg.models.clip_heads import CLIP_HEADS
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 open_clip.add_model_config(ARCHITECTURES_DIR)  # makes "open_clip:ph-reg-tiny-ViT-16" available
@@ -94,7 +94,7 @@ class BackboneConfig:
     or ``timm`` (``vit_base_patch14_dinov2``). ``pretrained`` is an open_clip / timm tag (for ``hf-hub:`` names
     any non-empty value means "the hub repo's weights"); ``checkpoint`` a local weights file (for OpenAI weights
     from a file use the ``-quickgelu`` open_clip name). Neither: seeded random weights from ``init_seed``.
-    ``implant``: ``None`` (the clean model) or the parameters of :class:`ph_reg.implant.ImplantConfig` (stored
+    ``implant``: ``None`` (the clean model) or the parameters of :class:`ph_reg.models.implant.ImplantConfig` (stored
     with every default filled in).
     ``pos_embed_interp``: how the positional embedding is resized to other grids, one of :data:`POS_EMBED_INTERP`
     (see there). ``student``: True for the distilled student, False for frozen models (teacher, baseline heads);
@@ -263,7 +263,7 @@ class DenseViT(nn.Module):
         return self._forward_dense(images, self._checked_grid(images), pre_norm=pre_norm)
 
     def planted_mask(self, images: Tensor) -> Tensor:
-        """The implant's ground-truth artifact mask (B, h, w) bool for normalised images (see ph_reg.implant)."""
+        """The implant's ground-truth artifact mask (B, h, w) bool for normalised images (see ph_reg.models.implant)."""
         if self.implant is None:
             raise ValueError(f"this {self.config.arch} model has no implant (BackboneConfig.implant is None)")
         self._checked_grid(images)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import Tensor
     from torch.utils.data import Dataset
 
-    from ph_reg.distill import OnlineTargets
+    from ph_reg.method.targets import OnlineTargets
     from ph_reg.io import RecordStream, ShardReader
     from ph_reg.models import BackboneConfig, DenseViT
 else:

@@ -15,8 +15,8 @@ def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:
     The parameters are validated first. Files the loader skips (``on_error: skip``) are listed with their reasons
     in the store's ``skipped_images.json`` (catalog entry ``skipped_images``), written once every image is read.
     """
-    from ph_reg.config import data_preparation_params
-    from ph_reg.data import SKIP_REPORT_NAME, SkipReport, prepared_records
+    from ph_reg.params import data_preparation_params
+    from ph_reg.data.images import SKIP_REPORT_NAME, SkipReport, prepared_records
     from ph_reg.io import RecordStream
 
     checked = data_preparation_params(params)

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import prepare_images
+from ph_reg.pipelines.data_preparation.nodes import prepare_images
 
 
 def create_pipeline(**kwargs) -> Pipeline:

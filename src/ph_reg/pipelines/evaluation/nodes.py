@@ -22,7 +22,7 @@ def select_student(student_weights: dict[str, Tensor], student_config: dict[str,
     """The student every evaluation node measures: the final one (``evaluation.student_snapshot: null``) or the
     snapshot kept after that epoch (conf/paper_dinov2: 30, the student of the paper's DINOv2 numbers), read from the
     snapshot index that student_distillation wrote; an epoch without a snapshot is an error naming the parameter."""
-    from ph_reg.student import read_student, snapshot_folder
+    from ph_reg.method.student import read_student, snapshot_folder
 
     epoch = params.get("student_snapshot")
     if epoch is None:
@@ -36,10 +36,10 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
     """Diagnostics JSON (DVC metrics), the feature-map figure and a Markdown report, on the prepared images of
     ``evaluation.split`` (at most ``evaluation.max_images``). With online targets (nothing cached) the denoised
     targets of those images are computed here, with teacher_denoising's settings and the cached mode's view keys."""
-    from ph_reg.evaluate import artifact_evaluation
+    from ph_reg.evaluation.artifacts import artifact_evaluation
     from ph_reg.models import BackboneConfig, build_backbone
-    from ph_reg.targets import denoised_target_records
-    from ph_reg.utils import resolve_device
+    from ph_reg.method.targets import denoised_target_records
+    from ph_reg.runtime import resolve_device
 
     device = resolve_device(params["device"])
     teacher = build_backbone(BackboneConfig.from_dict(student_config["teacher"])).to(device)
@@ -77,9 +77,9 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, T
     """The planted-artifact benchmark (ground truth known): clean model, implanted teacher, target and student."""
     import torch
 
-    from ph_reg.artifact_benchmark import planted_artifact_evaluation
+    from ph_reg.evaluation.planted import planted_artifact_evaluation
     from ph_reg.models import BackboneConfig, build_backbone
-    from ph_reg.utils import resolve_device
+    from ph_reg.runtime import resolve_device
 
     title = "# Planted-artifact benchmark (ground truth)\n\n"
     teacher_config = BackboneConfig.from_dict(student_config["teacher"])
@@ -114,7 +114,7 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, T
 def load_evaluated_student(student_weights: dict[str, Tensor], student_config: dict[str, Any], device):
     """The distilled student (eval mode, on ``device``) and its base model's config."""
     from ph_reg.models import BackboneConfig, load_trainable_state_dict
-    from ph_reg.student import build_student_from_config
+    from ph_reg.method.student import build_student_from_config
 
     student = build_student_from_config(student_config)
     load_trainable_state_dict(student, student_weights)
@@ -153,10 +153,10 @@ def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[s
 def evaluate_zero_shot_table(student_weights: dict[str, Tensor], student_config: dict[str, Any],
                              params: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures."""
-    from ph_reg.dense_eval import zero_shot_evaluation, zero_shot_figures
+    from ph_reg.evaluation.dense import zero_shot_evaluation, zero_shot_figures
     from ph_reg.models import BackboneConfig
-    from ph_reg.utils import check_precision, resolve_device
-    from ph_reg.zeroshot import table1
+    from ph_reg.runtime import check_precision, resolve_device
+    from ph_reg.evaluation.zeroshot import table1
 
     precision = check_precision(params.get("precision"), "evaluation.precision")
     device = resolve_device(params["device"])
@@ -186,8 +186,8 @@ def evaluate_zero_shot_table(student_weights: dict[str, Tensor], student_config:
 def cache_probe_features(student_weights: dict[str, Tensor], student_config: dict[str, Any],
                          params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
     """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
-    from ph_reg.dense_eval import probe_feature_streams, probe_models
-    from ph_reg.utils import check_precision, resolve_device
+    from ph_reg.evaluation.dense import probe_feature_streams, probe_models
+    from ph_reg.runtime import check_precision, resolve_device
 
     precision = check_precision(params.get("precision"), "evaluation.precision")
     device = resolve_device(params["device"])
@@ -205,10 +205,10 @@ def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str,
     per ``<task>-<benchmark>-<model>``: iteration, loss). ``evaluation.probes.mode``: ``cached`` trains from the
     train feature cache; ``online`` recomputes the teacher's and student's features for every batch under the
     official augmentation (the models are built here; the val side reads the cache in both modes)."""
-    from ph_reg.dense_eval import probe_models, run_probes, table2
+    from ph_reg.evaluation.dense import probe_models, run_probes, table2
     from ph_reg.models import BackboneConfig
-    from ph_reg.probes.online import check_mode
-    from ph_reg.utils import check_precision, resolve_device
+    from ph_reg.evaluation.probes.online import check_mode
+    from ph_reg.runtime import check_precision, resolve_device
 
     settings = params["probes"]
     mode = check_mode(settings["mode"])

@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import (cache_probe_features, evaluate_artifacts, evaluate_planted_artifacts, evaluate_probes,
+from ph_reg.pipelines.evaluation.nodes import (cache_probe_features, evaluate_artifacts, evaluate_planted_artifacts, evaluate_probes,
                     evaluate_zero_shot_table, select_student, summarize_evaluation)
 
 

@@ -1,5 +1,5 @@
 """The student_distillation pipeline."""
 
-from .pipeline import create_pipeline
+from ph_reg.pipelines.student_distillation.pipeline import create_pipeline
 
 __all__ = ["create_pipeline"]

@@ -13,7 +13,7 @@ from ph_reg.pipelines.node_types import Dataset, DenseViT, OnlineTargets, ShardR
 
 def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
     """A fresh student whose trainable set is ``params['trainable']``; everything else is frozen."""
-    from ph_reg.config import check_trainable, student_distillation_params
+    from ph_reg.params import check_trainable, student_distillation_params
     from ph_reg.models import build_backbone
 
     config, checked = student_distillation_params(backbone, params)
@@ -33,12 +33,12 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     An online image that can no longer be read is replaced by its prepared crop (logged, and counted in the loss
     history's ``substituted_images``), so a bad file never stops an epoch.
     """
-    from ph_reg.config import (check_resolution, data_preparation_params, patch_size, student_distillation_params,
-                               teacher_denoising_params)
-    from ph_reg.data import RandomCrops, StoredImageLoader, source_items
-    from ph_reg.distill import OnlineTargets, TargetPairs
+    from ph_reg.params import check_resolution, data_preparation_params, patch_size, student_distillation_params, teacher_denoising_params
+    from ph_reg.data.images import RandomCrops, StoredImageLoader, source_items
+    from ph_reg.method.distill import TargetPairs
+    from ph_reg.method.targets import OnlineTargets
     from ph_reg.models import build_backbone
-    from ph_reg.student import teacher_backbone
+    from ph_reg.method.student import teacher_backbone
 
     _, checked = student_distillation_params(backbone, params)
     teacher_config, teacher_checked = teacher_denoising_params(backbone, teacher_params)
@@ -86,12 +86,12 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
     epoch snapshots (``training.snapshot_every`` / ``snapshot_epochs``, written to ``snapshot_dir`` during training).
 
     SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues; a
-    checkpoint trained under other settings is refused, see ``ph_reg.distill.check_resume``).
+    checkpoint trained under other settings is refused, see ``ph_reg.method.distill.check_resume``).
     """
-    from ph_reg.config import student_distillation_params
-    from ph_reg.distill import distill
+    from ph_reg.params import student_distillation_params
+    from ph_reg.method.distill import distill
     from ph_reg.models import trainable_state_dict
-    from ph_reg.student import StudentSnapshots
+    from ph_reg.method.student import StudentSnapshots
 
     _, checked = student_distillation_params(backbone, params)
     dataset, online = training_dataset(student, images, targets, backbone, params, teacher_params, data_params, seed)
@@ -111,7 +111,7 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
 def artifact_config(student: DenseViT, weight_names: list[str], backbone: dict[str, Any],
                     teacher_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The JSON config of the exported student and of its snapshots (``ph_reg.load_student`` reads both)."""
-    from ph_reg.student import student_config, teacher_backbone
+    from ph_reg.method.student import student_config, teacher_backbone
 
     return student_config(student.config, params["trainable"], weight_names,
                           teacher=teacher_backbone(backbone, teacher_params["head"]),

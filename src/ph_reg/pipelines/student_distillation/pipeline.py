@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import build_student, export_student, train_student
+from ph_reg.pipelines.student_distillation.nodes import build_student, export_student, train_student
 
 
 def create_pipeline(**kwargs) -> Pipeline:

@@ -1,5 +1,5 @@
 """The teacher_denoising pipeline."""
 
-from .pipeline import create_pipeline
+from ph_reg.pipelines.teacher_denoising.pipeline import create_pipeline
 
 __all__ = ["create_pipeline"]

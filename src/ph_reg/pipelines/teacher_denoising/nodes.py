@@ -24,11 +24,11 @@ def denoise_teacher(images: ShardReader, backbone: dict[str, Any], params: dict[
     the store is written empty. With ``resume`` (the default) a run interrupted by SIGTERM, ``kill -9`` or a full
     disk keeps its finished shards: the next run computes only the records after them.
     """
-    from ph_reg.config import check_resolution, patch_size, teacher_denoising_params
+    from ph_reg.params import check_resolution, patch_size, teacher_denoising_params
     from ph_reg.io import RecordStream
     from ph_reg.models import build_backbone
-    from ph_reg.targets import denoised_target_records, target_dtype
-    from ph_reg.utils import resolve_device
+    from ph_reg.method.targets import denoised_target_records, target_dtype
+    from ph_reg.runtime import resolve_device
 
     config, checked = teacher_denoising_params(backbone, params)
     if "image_size" in images.attrs:

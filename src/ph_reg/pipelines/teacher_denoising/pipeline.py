@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import denoise_teacher
+from ph_reg.pipelines.teacher_denoising.nodes import denoise_teacher
 
 
 def create_pipeline(**kwargs) -> Pipeline:

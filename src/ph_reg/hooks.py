@@ -92,7 +92,7 @@ class NodeSeedHooks:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline) -> None:
-        from ph_reg.config import validate_parameters
+        from ph_reg.params import validate_parameters
         from ph_reg.io import write_json
 
         validate_parameters(self.params, parameter_sections(pipeline))   # before any node runs
@@ -104,6 +104,6 @@ class NodeSeedHooks:
 
     @hook_impl
     def before_node_run(self, node) -> None:
-        from ph_reg.utils import derive_seed, seed_everything  # torch is imported when a run starts, not at startup
+        from ph_reg.runtime import derive_seed, seed_everything  # torch is imported when a run starts, not at startup
 
         seed_everything(derive_seed(self.seed, node.name))

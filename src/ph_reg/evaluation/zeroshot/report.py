@@ -10,9 +10,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
-from ..datasets.base import IGNORE_INDEX
-from ..diagnostics import pca_rgb
-from .templates import BENCHMARKS
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
+from ph_reg.evaluation.diagnostics import pca_rgb
+from ph_reg.evaluation.zeroshot.templates import BENCHMARKS
 
 __all__ = [
     "PUBLISHED_ABLATION_AVG",

@@ -1,6 +1,6 @@
 """Zero-shot open-vocabulary segmentation with CLIP dense heads (SCLIP/NACLIP protocol, as used by PH-Reg)."""
 
-from .harness import (
+from ph_reg.evaluation.zeroshot.harness import (
     CLIP_MEAN,
     CLIP_STD,
     PAPER_SETTINGS,
@@ -21,9 +21,9 @@ from .harness import (
     tta_dense_fn,
     zero_shot_maps,
 )
-from .report import PUBLISHED_ABLATION_AVG, PUBLISHED_TABLE1, class_palette, table1, zero_shot_figure
-from .templates import BENCHMARKS, OPENAI_IMAGENET_TEMPLATES, format_prompts, load_class_file, parse_class_lines
-from .text import OpenClipTextEncoder, build_text_encoder, text_embeddings
+from ph_reg.evaluation.zeroshot.report import PUBLISHED_ABLATION_AVG, PUBLISHED_TABLE1, class_palette, table1, zero_shot_figure
+from ph_reg.evaluation.zeroshot.templates import BENCHMARKS, OPENAI_IMAGENET_TEMPLATES, format_prompts, load_class_file, parse_class_lines
+from ph_reg.evaluation.zeroshot.text import OpenClipTextEncoder, build_text_encoder, text_embeddings
 
 __all__ = [
     "BENCHMARKS",

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import load_tensors
-from .models import BackboneConfig, DenseViT, build_backbone, load_trainable_state_dict
+from ph_reg.io import load_tensors
+from ph_reg.models import BackboneConfig, DenseViT, build_backbone, load_trainable_state_dict
 
 STUDENT_FORMAT = "ph-reg-student/1"
 CONFIG_NAME = "config.json"
@@ -82,7 +82,7 @@ def write_student(folder: str | os.PathLike, weights: Mapping[str, Any], config:
     import shutil
     import tempfile
 
-    from .io import save_tensors, write_json
+    from ph_reg.io import save_tensors, write_json
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ class StudentSnapshots:
 
 def snapshot_folder(index: Mapping[str, Any], epoch: int | None, key: str = "evaluation.student_snapshot") -> Path:
     """The folder of the snapshot after ``epoch`` listed in a snapshot ``index``, with an error naming ``key``."""
-    from .config import ConfigError
+    from ph_reg.config import ConfigError
 
     snapshots = index.get("snapshots", {})
     if epoch is None or str(epoch) not in snapshots:
@@ -194,7 +194,7 @@ def merged_state_dict(model: DenseViT) -> dict[str, Any]:
 def export_merged(student_folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write the merged full state dict of the student in ``student_folder`` to ``output`` (safetensors), with the
     student config as metadata. Returns the output path."""
-    from .io import save_tensors
+    from ph_reg.io import save_tensors
 
     folder = Path(student_folder)
     model = load_student(folder)
@@ -204,7 +204,7 @@ def export_merged(student_folder: str | os.PathLike, output: str | os.PathLike) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ph_reg.student STUDENT_FOLDER OUTPUT.safetensors``: export the merged full state dict."""
+    """``python -m ph_reg.method.student STUDENT_FOLDER OUTPUT.safetensors``: export the merged full state dict."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import IGNORE_INDEX, DenseDataset, DenseSample
-from .classes import CITYSCAPES_ID_TO_TRAIN_ID, CLASS_NAMES, COCO_NUM_THINGS
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseSample
+from ph_reg.evaluation.benchmarks.classes import CITYSCAPES_ID_TO_TRAIN_ID, CLASS_NAMES, COCO_NUM_THINGS
 
 #: Eigen et al. evaluation crop of NYUv2 (top, bottom, left, right) in 480x640 images, as in BTS/AdaBins/DINOv2.
 EIGEN_CROP = (45, 471, 41, 601)

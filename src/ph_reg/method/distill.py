@@ -31,11 +31,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .io import Interrupted, WriteError, atomic_path, stop_on_signals
-from .utils import autocast_dtype, derive_seed, normalize
+from ph_reg.io import Interrupted, WriteError, atomic_path, stop_on_signals
+from ph_reg.config import ConfigError
+from ph_reg.runtime import derive_seed, normalize
 
 if TYPE_CHECKING:
-    from .student import StudentSnapshots
+    from ph_reg.method.student import StudentSnapshots
+    from ph_reg.method.targets import OnlineTargets
 
 CHECKPOINT_NAME = "last.ckpt"
 TARGET_MODES = ("cached", "online")
@@ -159,8 +161,6 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], prefix: str = "student_distillation.training") -> "DistillConfig":
         """Build from configuration values, with errors naming ``<prefix>.<key>``, the value and what is allowed."""
-        from .config import ConfigError  # ph_reg.config builds on this module
-
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
@@ -250,37 +250,6 @@ class TargetPairs(Dataset):
         return image, self.targets[index]["target"].float()
 
 
-class OnlineTargets:
-    """Online mode: the frozen teacher's TTA-denoised targets, recomputed for every batch with fresh views.
-
-    Each image draws its own views from ``generator(seed, "tta", epoch, image_index)`` (``image_generators``), as
-    the release draws them per image; ``teacher_denoising`` uses the same key with epoch 0, so cached and online
-    targets agree when the crop is fixed and the epoch is 0, whatever the batches.
-    """
-
-    def __init__(self, teacher: nn.Module, seed: int, n_views: int = 10, shift_frac: float = 0.15,
-                 flip_prob: float = 0.5, pool_factor: int = 10, max_images_per_forward: int = 64):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.seed = seed
-        self.tta = dict(n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
-                        max_images_per_forward=max_images_per_forward)
-
-    def to(self, device: torch.device) -> "OnlineTargets":
-        self.teacher.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, epoch: int, indices: Sequence[int]) -> torch.Tensor:
-        from .denoise import TTADenoiser, image_generators
-
-        teacher = self.teacher
-        denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(images.device),
-                               **self.tta)
-        amp = autocast_dtype(images.device)
-        with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
-            return denoiser(images, image_generators(self.seed, epoch, indices)).float()
-
-
 class EpochTaggedSampler(Sampler):
     """Wraps a ``DistributedSampler`` and yields ``(epoch, index)`` so datasets can draw per-epoch randomness
     (fresh crops) deterministically, even inside DataLoader worker processes.
@@ -355,7 +324,7 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
             load_state_fn: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
             progress: bool = True,
             on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-            online_targets: OnlineTargets | None = None,
+            online_targets: "OnlineTargets | None" = None,
             snapshots: StudentSnapshots | None = None,
             settings: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
     """Train the student's trainable parameters; return one history row per epoch. The student is updated in place.
@@ -375,7 +344,7 @@ def distill(student: nn.Module, dataset: Dataset, config: DistillConfig, seed: i
     backbone, student, teacher and data sections). ``config.resume`` refuses a checkpoint whose records differ from
     the run's in anything but ``RESUME_FREE_SETTINGS`` (:func:`check_resume`), naming each key.
     """
-    from .models import load_trainable_state_dict, trainable_state_dict
+    from ph_reg.models import load_trainable_state_dict, trainable_state_dict
 
     state_fn = state_fn or trainable_state_dict
     load_state_fn = load_state_fn or load_trainable_state_dict

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ph_reg.datasets.base import IGNORE_INDEX
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
 from ph_reg.io import ShardReader
-from ph_reg.utils import derive_seed, generator, resolve_device
+from ph_reg.runtime import derive_seed, generator, resolve_device
 
-from .cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
-from .metrics import segmentation_metrics
+from ph_reg.evaluation.probes.cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
+from ph_reg.evaluation.probes.metrics import segmentation_metrics
 
 HEAD_INIT_STD = 0.01  # mmsegmentation's conv_seg initialisation
 UPSAMPLE_MODE = "bilinear"

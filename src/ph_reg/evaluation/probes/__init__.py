@@ -1,6 +1,6 @@
 """Linear probes on frozen features: a feature cache, segmentation (mIoU/mAcc) and depth (RMSE/AbsRel/delta)."""
 
-from .cache import (
+from ph_reg.evaluation.probes.cache import (
     RECORDS_PER_SHARD,
     BatchSource,
     CachedBatchSource,
@@ -17,7 +17,7 @@ from .cache import (
     sliding_windows,
     store_kind,
 )
-from .depth import (
+from ph_reg.evaluation.probes.depth import (
     BestProbeTracker,
     DepthProbeConfig,
     LinearDepthProbe,
@@ -29,14 +29,14 @@ from .depth import (
     toolbox_gradient_loss,
     train_depth_probe,
 )
-from .metrics import DepthMetrics, SegmentationMetrics, segmentation_metrics
-from .online import (
+from ph_reg.evaluation.probes.metrics import DepthMetrics, SegmentationMetrics, segmentation_metrics
+from ph_reg.evaluation.probes.online import (
     PROBE_MODES,
     DepthAugmentation,
     OnlineBatchSource,
     SegmentationAugmentation,
 )
-from .segmentation import (
+from ph_reg.evaluation.probes.segmentation import (
     LinearSegmentationProbe,
     SegmentationProbeConfig,
     evaluate_segmentation_probe,

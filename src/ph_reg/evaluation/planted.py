@@ -1,10 +1,10 @@
 """The planted-artifact benchmark: ground-truth metrics of clean model, implanted teacher, denoised target, student.
 
-The implanted teacher (:mod:`ph_reg.implant`) has artifacts at known tokens (the *planted mask*) and the same model
+The implanted teacher (:mod:`ph_reg.models.implant`) has artifacts at known tokens (the *planted mask*) and the same model
 without the implant is the clean ground truth. For every source (``clean``, ``teacher``, ``target`` = the teacher
 denoised by TTA, ``student``, ...) the benchmark reports two readings of the same images:
 
-* **norm reading** (the evaluation's norm-outlier rule, :func:`ph_reg.diagnostics.robust_outlier_mask`, robust z
+* **norm reading** (the evaluation's norm-outlier rule, :func:`ph_reg.evaluation.diagnostics.robust_outlier_mask`, robust z
   of the token norm > ``k``, judged per image): on the *pre-norm* tokens, ``forward_tokens(images,
   pre_norm=True)``, the last residual-stream state before any final normalisation. The final LayerNorm equalises
   norms, so the rule cannot see anything at the dense output. Reported: outlier rate, precision and recall against
@@ -39,9 +39,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .denoise import TTADenoiser, image_generators
-from .diagnostics import cosine_map, patch_norms, robust_outlier_mask
-from .utils import autocast_dtype, normalize
+from ph_reg.method.tta import TTADenoiser, image_generators
+from ph_reg.evaluation.diagnostics import cosine_map, patch_norms, robust_outlier_mask
+from ph_reg.runtime import autocast_dtype, normalize
 
 __all__ = [
     "SourceFeatures",
@@ -373,7 +373,7 @@ def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Modu
     ``target_views``, so that every arm is measured against the same reference.
     ``probes``: linear-probe results ``{source: {"<benchmark>/<metric>": value}}`` merged into the report.
     """
-    from .models import clean_copy
+    from ph_reg.models import clean_copy
 
     if getattr(teacher.config, "implant", None) is None:
         raise ValueError("the planted-artifact benchmark needs a teacher with an implant (backbone.implant)")

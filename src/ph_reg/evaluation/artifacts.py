@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from .diagnostics import artifact_report, feature_figure
-from .models import DenseViT
-from .utils import autocast_dtype, normalize
+from ph_reg.evaluation.diagnostics import artifact_report, feature_figure
+from ph_reg.models import DenseViT
+from ph_reg.runtime import autocast_dtype, normalize
 
 
 @torch.no_grad()

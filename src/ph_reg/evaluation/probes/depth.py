@@ -72,11 +72,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ph_reg.io import ShardReader
-from ph_reg.utils import derive_seed, generator, resolve_device
+from ph_reg.runtime import derive_seed, generator, resolve_device
 
-from .cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
-from .metrics import MAX_DEPTH, MIN_DEPTH, DepthMetrics
-from .segmentation import PERCENT, UPSAMPLE_MODE, _check_positive, config_from_dict, stitch_windows
+from ph_reg.evaluation.probes.cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
+from ph_reg.evaluation.probes.metrics import MAX_DEPTH, MIN_DEPTH, DepthMetrics
+from ph_reg.evaluation.probes.segmentation import PERCENT, UPSAMPLE_MODE, _check_positive, config_from_dict, stitch_windows
 
 BIN_NORMS = ("linear", "softmax")
 LINEAR_NORM_EPS = 0.1  # decode_head.depth_pred, norm_strategy "linear": relu(logit) + 0.1

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..utils import derive_seed
-from .base import IGNORE_INDEX, DenseDataset, DenseSample
+from ph_reg.runtime import derive_seed
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseSample
 
 CLASS_NAMES: tuple[str, ...] = ("floor", "wall", "ball", "box", "pillar", "cone")
 FLOOR, WALL, BALL, BOX, PILLAR, CONE = range(len(CLASS_NAMES))

@@ -6,12 +6,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from .denoise import TTADenoiser, image_generators
-from .io import Interrupted, stop_on_signals
-from .models import DenseViT
-from .utils import autocast_dtype, normalize
+from ph_reg.method.tta import TTADenoiser, image_generators
+from ph_reg.io import Interrupted, stop_on_signals
+from ph_reg.models import DenseViT
+from ph_reg.runtime import autocast_dtype, normalize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,3 +71,32 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
             for index, target in zip(batch_indices, targets.float().cpu()):
                 if index >= start:
                     yield {"target": target.to(dtype)}, {"image_index": index}
+
+
+class OnlineTargets:
+    """Online mode: the frozen teacher's TTA-denoised targets, recomputed for every batch with fresh views.
+
+    Each image draws its own views from ``generator(seed, "tta", epoch, image_index)`` (``image_generators``), as
+    the release draws them per image; ``teacher_denoising`` uses the same key with epoch 0, so cached and online
+    targets agree when the crop is fixed and the epoch is 0, whatever the batches.
+    """
+
+    def __init__(self, teacher: nn.Module, seed: int, n_views: int = 10, shift_frac: float = 0.15,
+                 flip_prob: float = 0.5, pool_factor: int = 10, max_images_per_forward: int = 64):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.seed = seed
+        self.tta = dict(n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
+                        max_images_per_forward=max_images_per_forward)
+
+    def to(self, device: torch.device) -> "OnlineTargets":
+        self.teacher.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, epoch: int, indices: Sequence[int]) -> torch.Tensor:
+        teacher = self.teacher
+        denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(images.device),
+                               **self.tta)
+        amp = autocast_dtype(images.device)
+        with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
+            return denoiser(images, image_generators(self.seed, epoch, indices)).float()

@@ -11,11 +11,11 @@ Features are never upsampled, only logits.
 
 A *dense function* maps normalised images (B, 3, H, W) to dense features (B, h, w, C). :func:`make_dense_fn` gives
 one for every head in :data:`ZERO_SHOT_HEADS`: the backbone heads, plus ``maskclip_tta`` ("denoising only": the
-value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.denoise` at inference).
+value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.method.tta` at inference).
 
 Precision: the harness runs a dense function as it is (fp32 unless the function itself autocasts);
 :func:`precision_dense_fn` wraps one in the autocast context of an evaluation precision (``evaluation.precision``,
-:func:`ph_reg.utils.autocast_context`).
+:func:`ph_reg.runtime.autocast`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from ..datasets.base import IGNORE_INDEX, DenseDataset
-from ..denoise import TTADenoiser
-from ..models.backbone import DenseViT
-from ..models.clip_heads import CLIP_HEADS
-from ..utils import autocast_context, check_precision, normalize
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset
+from ph_reg.method.tta import TTADenoiser
+from ph_reg.models.backbone import DenseViT
+from ph_reg.models.clip_heads import CLIP_HEADS
+from ph_reg.runtime import autocast, check_precision, normalize
 
 __all__ = [
     "CLIP_MEAN",
@@ -292,12 +292,12 @@ def _check_small_window(small_window: str) -> None:
 
 
 def precision_dense_fn(dense_fn: DenseFn, precision: str) -> DenseFn:
-    """``dense_fn`` run inside :func:`ph_reg.utils.autocast_context` of ``precision`` (``fp32``, ``bf16``, ``fp16``
-    or ``auto``; see :data:`ph_reg.utils.PRECISIONS`) on the device of its input images."""
+    """``dense_fn`` run inside :func:`ph_reg.runtime.autocast` of ``precision`` (``fp32``, ``bf16``, ``fp16``
+    or ``auto``; see :data:`ph_reg.runtime.PRECISIONS`) on the device of its input images."""
     check_precision(precision, "precision")
 
     def wrapped(images: Tensor) -> Tensor:
-        with autocast_context(images.device, precision):
+        with autocast(images.device, precision):
             return dense_fn(images)
     return wrapped
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from .base import IGNORE_INDEX, DenseDataset, DenseSample
-from .classes import CLASS_NAMES
-from .readers import (
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseSample
+from ph_reg.evaluation.benchmarks.classes import CLASS_NAMES
+from ph_reg.evaluation.benchmarks.readers import (
     ADE20K,
     EIGEN_CROP,
     COCOObject,
@@ -19,7 +19,7 @@ from .readers import (
     apply_eigen_crop_mask,
     eigen_crop_mask,
 )
-from .synthetic import Scene, SyntheticScenes, render_scene, sample_scene
+from ph_reg.evaluation.benchmarks.synthetic import Scene, SyntheticScenes, render_scene, sample_scene
 
 #: ``build_dataset`` types -> dataset classes.
 DATASETS: dict[str, type[DenseDataset]] = {

@@ -16,14 +16,16 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .utils import generator as seeded_generator
+from ph_reg.config import at_least, number_in
+from ph_reg.runtime import generator as seeded_generator
 
 __all__ = [
+    "TTAConfig",
     "TTAViews",
     "max_shift",
     "farthest_point_sample",
@@ -36,6 +38,21 @@ __all__ = [
 ]
 
 GRID_FILL = -1  # patch index of grid cells that have no source patch
+#: shift_frac must lie strictly inside this interval: shifts of up to half the grid alias.
+SHIFT_FRAC_BOUNDS = (0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """The test-time augmentation of the teacher (``teacher_denoising.tta``): ``n_views`` views (view 0 the
+    identity), shifts of up to ``round(shift_frac * patches per side)`` whole patches, a horizontal flip with
+    probability ``flip_prob``, offsets chosen by farthest-point sampling from ``pool_factor * n_views`` candidates.
+    The one place these defaults are written."""
+
+    n_views: int = field(default=10, metadata=at_least(1))
+    shift_frac: float = field(default=0.15, metadata=number_in(*SHIFT_FRAC_BOUNDS, closed=False))
+    flip_prob: float = field(default=0.5, metadata=number_in(0.0, 1.0))
+    pool_factor: int = field(default=10, metadata=at_least(1))
 
 
 @dataclass(frozen=True)

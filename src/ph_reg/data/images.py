@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from torch.utils.data import Dataset
 
-from .utils import generator, normalize
+from ph_reg.runtime import generator, normalize
 
 BUILTIN_SOURCE = "builtin:sample_photos"
 #: Extensions (compared lower-cased) of the files a folder source reads; other files are listed as ignored.

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ph_reg.io import RecordStream, ShardReader
-from ph_reg.utils import DEFAULT_PRECISION, autocast_context, check_precision, generator, normalize
+from ph_reg.runtime import DEFAULT_PRECISION, autocast, check_precision, generator, normalize
 
 SPLIT_KINDS = ("train", "val")
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -140,12 +140,12 @@ def backbone_features(model: nn.Module, crops: Tensor, pad_to_patch: bool = Fals
                       precision: str = DEFAULT_PRECISION) -> tuple[Tensor, Tensor]:
     """Backbone features of float (B, 3, H, W) crops in [0, 255], on the model's device: float32 (B, h, w, C) and
     (B, C). ``pad_to_patch`` centre-pads the normalised images to a multiple of the patch size (:func:`center_pad`).
-    The forward runs at ``precision`` (``evaluation.precision``: :func:`ph_reg.utils.autocast_context`)."""
+    The forward runs at ``precision`` (``evaluation.precision``: :func:`ph_reg.runtime.autocast`)."""
     device = _model_device(model)
     images = normalize(crops.to(device) / 255.0, model.mean, model.std)
     if pad_to_patch:
         images = center_pad(images, model.patch_size)
-    with autocast_context(device, precision):
+    with autocast(device, precision):
         out = model(images)
     return out.patch.float(), out.cls.float()
 
@@ -209,9 +209,9 @@ def feature_records(model: nn.Module, dataset: Sequence, crop_size: int, stride:
 
     ``model`` is a :class:`ph_reg.models.DenseViT` (or anything with ``patch_size``, ``mean``, ``std`` and a
     forward returning ``.patch`` (B, h, w, C) / ``.cls`` (B, C)); it runs on its own device, in eval mode.
-    ``dataset`` yields :class:`ph_reg.datasets.DenseSample`. ``batch_size`` is the number of crops per forward.
+    ``dataset`` yields :class:`ph_reg.evaluation.benchmarks.DenseSample`. ``batch_size`` is the number of crops per forward.
     ``flip`` (val only) also stores the features of every horizontally flipped window, for flip TTA.
-    ``precision`` is the backbone's evaluation precision (:data:`ph_reg.utils.PRECISIONS`).
+    ``precision`` is the backbone's evaluation precision (:data:`ph_reg.runtime.PRECISIONS`).
     Arguments are checked when called; the records are computed lazily while the iterator is consumed.
     """
     whole = whole_image_mode(split_kind, stride)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ph_reg.datasets.base import IGNORE_INDEX
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
 
 MIN_DEPTH = 1e-3
 MAX_DEPTH = 10.0

@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ph_reg.datasets.base import IGNORE_INDEX
-from ph_reg.utils import DEFAULT_PRECISION
+from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
+from ph_reg.runtime import DEFAULT_PRECISION
 
-from .cache import _in_eval_mode, _model_device, backbone_features
+from ph_reg.evaluation.probes.cache import _in_eval_mode, _model_device, backbone_features
 
 PROBE_MODES = ("cached", "online")
 BATCH_KEYS = ("patch", "cls", "label", "depth")
@@ -417,7 +417,7 @@ class OnlineBatchSource:
     """:class:`~.cache.BatchSource` recomputing frozen-backbone features per batch under augmentation.
 
     ``model`` is the frozen backbone (a :class:`ph_reg.models.DenseViT`); it runs in eval mode on its own device, in
-    ``precision`` (``evaluation.precision``). ``dataset`` yields :class:`ph_reg.datasets.DenseSample`.
+    ``precision`` (``evaluation.precision``). ``dataset`` yields :class:`ph_reg.evaluation.benchmarks.DenseSample`.
     ``augmentation`` is a :class:`SegmentationAugmentation` (batches carry ``label``) or a
     :class:`DepthAugmentation` (``depth``; the image is centre-padded to the patch size before the backbone).
     ``num_workers`` > 0 reads the samples in ``DataLoader`` workers (reading only: no randomness there).

@@ -1,6 +1,6 @@
 """Dense-task evaluation orchestration: the zero-shot table (Table 1) over configured heads and benchmarks.
 
-Heads are the training-free CLIP heads of ``ph_reg.zeroshot`` (``vanilla``, ``maskclip``, ``sclip``,
+Heads are the training-free CLIP heads of ``ph_reg.evaluation.zeroshot`` (``vanilla``, ``maskclip``, ``sclip``,
 ``clearclip``, ``naclip``, ``maskclip_tta``) built on the student's base model, plus ``ph_reg``: the distilled
 student itself.
 """
@@ -15,13 +15,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .datasets import DenseDataset, build_dataset
-from .models import BackboneConfig, build_backbone, clean_copy
-from .utils import DEFAULT_PRECISION
-from .zeroshot import (ZeroShotSettings, backbone_head, build_text_encoder, class_palette, load_class_file,
+from ph_reg.evaluation.benchmarks import DenseDataset, build_dataset
+from ph_reg.models import BackboneConfig, build_backbone, clean_copy
+from ph_reg.runtime import DEFAULT_PRECISION
+from ph_reg.evaluation.zeroshot import (ZeroShotSettings, backbone_head, build_text_encoder, class_palette, load_class_file,
                        make_dense_fn, model_dense_fn, parse_class_lines, text_embeddings, zero_shot_figure,
                        zero_shot_maps)
-from .zeroshot.harness import evaluate_zero_shot, precision_dense_fn
+from ph_reg.evaluation.zeroshot.harness import evaluate_zero_shot, precision_dense_fn
 
 STUDENT_HEAD = "ph_reg"
 CLASSES_FROM_DATASET = "dataset"
@@ -55,7 +55,7 @@ def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequen
     ``benchmarks[name]`` has ``dataset`` (a ``build_dataset`` spec), ``classes`` (see ``class_lines``) and
     ``settings`` (``ZeroShotSettings`` fields). Text embeddings come from the base model's text tower, once per
     benchmark. Every head's image forward runs at ``precision`` (``evaluation.precision``, see
-    :data:`ph_reg.utils.PRECISIONS`).
+    :data:`ph_reg.runtime.PRECISIONS`).
     """
     if base.family != "open_clip":
         raise ValueError(f"zero-shot segmentation needs an open_clip backbone, got {base.arch!r}")
@@ -160,14 +160,14 @@ def probe_feature_streams(models: Mapping[str, nn.Module], tasks: Mapping[str, M
                           precision: str = DEFAULT_PRECISION, mode: str = "cached") -> dict[str, Any]:
     """Lazy feature stores ``"<model>/<task>/<benchmark>/<train|val>"`` for every model and probe benchmark.
     ``mode`` (``evaluation.probes.mode``): ``"cached"`` makes train and val stores; ``"online"`` only the val
-    stores (the probes then train on features recomputed under augmentation, see :mod:`ph_reg.probes.online`).
+    stores (the probes then train on features recomputed under augmentation, see :mod:`ph_reg.evaluation.probes.online`).
 
     ``tasks[task][benchmark]`` has ``train`` and ``val`` dataset specs, ``crop_size``, ``stride`` and optionally
     ``short_side`` and (depth) ``flip_tta``. The backbones run at ``precision`` (``evaluation.precision``). Nothing
     is computed until a store is written.
     """
-    from .probes import feature_stream
-    from .probes.online import augmentation_for, check_mode
+    from ph_reg.evaluation.probes import feature_stream
+    from ph_reg.evaluation.probes.online import augmentation_for, check_mode
 
     check_mode(mode)
     streams = {}
@@ -192,7 +192,7 @@ def probe_feature_streams(models: Mapping[str, nn.Module], tasks: Mapping[str, M
 def write_probe_stores(streams: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
     """Write the lazy feature stores of :func:`probe_feature_streams` under ``folder`` (one sub-folder per key)
     and return them as ``{key: ShardReader}``, ready for :func:`run_probes` (the pipeline's catalog does the same)."""
-    from .io import ShardReader, write_stream
+    from ph_reg.io import ShardReader, write_stream
 
     stores = {}
     for key, stream in streams.items():
@@ -211,12 +211,12 @@ def run_probes(stores: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Mappi
 
     ``mode`` (``evaluation.probes.mode``): ``"cached"`` trains on the train feature stores; ``"online"`` trains on
     features that ``models[<model>]`` recomputes for every batch under the benchmark's augmentation (its
-    ``augment`` mapping, :mod:`ph_reg.probes.online`), at ``precision``, reading images in ``loader_workers``
+    ``augment`` mapping, :mod:`ph_reg.evaluation.probes.online`), at ``precision``, reading images in ``loader_workers``
     workers. Evaluation always reads the val stores."""
-    from .probes import eigen_crop_mask, evaluate_segmentation_probe, train_segmentation_probe
-    from .probes.depth import depth_probe_scores
-    from .probes.online import OnlineBatchSource, augmentation_for, check_mode
-    from .utils import derive_seed
+    from ph_reg.evaluation.probes import eigen_crop_mask, evaluate_segmentation_probe, train_segmentation_probe
+    from ph_reg.evaluation.probes.depth import depth_probe_scores
+    from ph_reg.evaluation.probes.online import OnlineBatchSource, augmentation_for, check_mode
+    from ph_reg.runtime import derive_seed
 
     check_mode(mode)
     if mode == "online" and models is None:

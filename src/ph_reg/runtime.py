@@ -64,13 +64,18 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return PRECISION_DTYPES[precision]
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The one place an evaluation precision becomes a context: ``torch.autocast`` on ``device``'s type with
     :func:`precision_dtype`, or an explicitly disabled autocast for fp32 (so fp32 holds inside an outer autocast)."""
     dtype = precision_dtype(precision, device)
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (the first one's; a module of ours never spans devices)."""
+    return next(module.parameters()).device
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -136,7 +136,7 @@ class AtomicFileDataset(AbstractDataset[Any, Any]):
     """Wraps any single-file kedro-datasets dataset so that saving is atomic: the inner dataset writes to a hidden
     temporary file in the same folder, which is then renamed onto ``filepath``.
 
-    Example: ``{type: ph_reg.pipelines.datasets.AtomicFileDataset, filepath: x.csv, dataset: {type: pandas.CSVDataset}}``
+    Example: ``{type: ph_reg.kedro_datasets.AtomicFileDataset, filepath: x.csv, dataset: {type: pandas.CSVDataset}}``
     """
 
     def __init__(self, filepath: str, dataset: dict[str, Any], metadata: dict[str, Any] | None = None):

@@ -1,0 +1,1 @@
+"""Unlabelled training images: sources, loading and the prepare stage."""

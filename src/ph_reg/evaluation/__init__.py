@@ -1,0 +1,1 @@
+"""Dense-task evaluation: diagnostics, zero-shot, probes, the planted benchmark, benchmark datasets."""

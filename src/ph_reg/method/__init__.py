@@ -1,0 +1,1 @@
+"""PH-Reg itself: test-time-augmentation denoising, targets, distillation, the student."""
