@@ -1,4 +1,4 @@
-"""The planted-artifact benchmark and the component ablation on ground truth (method.md section 7).
+"""The planted-artifact benchmark and the component ablation on ground truth (docs/method.md section 7).
 
 A teacher with planted artifacts (``ph_reg.models.implant``) is distilled into students: no registers vs ``--registers``
 registers, plain teacher targets (1 view, the identity) vs TTA-denoised targets (``--views`` views). Every student
@@ -10,7 +10,7 @@ measured on the held-out crops against the planted mask and the TTA-denoised cle
     python benchmarks/artifact_ablation.py               # the embedded default: ViT-B-16 at 224, 8 epochs (~1 h)
     python benchmarks/artifact_ablation.py --img-size 160 --epochs 4    # reduced (~15 min on 2 cores)
 
-Data: the sample photos of ``ph_reg.data.images.SAMPLE_PHOTOS`` cut into fixed crops, split into train / held-out as
+Data: the sample photos of ``ph_reg.data.sources.SAMPLE_PHOTOS`` cut into fixed crops, split into train / held-out as
 the data-preparation stage does (``val_fraction`` hash split).
 """
 
@@ -27,9 +27,14 @@ from pathlib import Path
 import torch
 
 from ph_reg.evaluation.planted import (SourceFeatures, add_probe_results, artifact_benchmark, benchmark_features,
-                                       benchmark_figure, benchmark_markdown, check_targets, tta_tokens)
-from ph_reg.data.images import PreparationConfig, prepared_records
-from ph_reg.method.distill import DistillConfig, TargetPairs, distill
+                                       check_targets, tta_tokens)
+from ph_reg.reporting.figures import benchmark_figure
+from ph_reg.reporting.tables import benchmark_markdown
+from ph_reg.data.prepare import DataPreparationConfig, prepared_records
+from ph_reg.method.tta import TTAConfig
+from ph_reg.method.data import TargetPairs
+from ph_reg.method.train import distill
+from ph_reg.method.config import DistillConfig
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone, clean_copy
 from ph_reg.runtime import normalize
 
@@ -69,8 +74,8 @@ def parse_args() -> argparse.Namespace:
 
 def crops(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, S, S) training and held-out crops of the sample photos."""
-    config = PreparationConfig(image_size=args.img_size, crops_per_image=args.crops_per_image,
-                               val_fraction=args.val_fraction, max_images=args.max_images)
+    config = DataPreparationConfig(image_size=args.img_size, crops_per_image=args.crops_per_image,
+                                   val_fraction=args.val_fraction, max_images=args.max_images)
     records = list(prepared_records(config, args.seed))
     train = torch.stack([r["image"] for r, meta in records if meta["split"] == "train"])
     val = torch.stack([r["image"] for r, meta in records if meta["split"] == "val"])
@@ -79,7 +84,7 @@ def crops(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 def probe_results(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Synthetic segmentation and depth probes on the frozen features of every model."""
-    from ph_reg.evaluation.dense import probe_feature_streams, run_probes, write_probe_stores
+    from ph_reg.evaluation.probes.run import probe_feature_streams, run_probes, write_probe_stores
 
     size = args.img_size
     spec = lambda split, n: {"type": "synthetic", "num_images": n, "image_size": size, "seed": 0, "split": split}
@@ -108,7 +113,7 @@ def main() -> None:
     targets = {}
     for views in sorted({1, args.views}):
         t0 = time.perf_counter()
-        targets[views] = tta_tokens(teacher, train_x, seed=args.seed, n_views=views)
+        targets[views] = tta_tokens(teacher, train_x, args.seed, TTAConfig(n_views=views))
         print(f"   targets with {views} view(s): {time.perf_counter() - t0:.0f} s", flush=True)
 
     students, history = {}, {}
@@ -130,7 +135,8 @@ def main() -> None:
 
     val_x = normalize(val, teacher.mean, teacher.std)
     t0 = time.perf_counter()
-    features, reference = benchmark_features(students, clean, teacher, val_x, seed=args.seed, n_views=args.views)
+    features, reference = benchmark_features(students, clean, teacher, val_x, seed=args.seed,
+                                             tta=TTAConfig(n_views=args.views))
     planted = teacher.planted_mask(val_x)
     report = artifact_benchmark(features, reference, planted)
     print(f"   benchmark features: {time.perf_counter() - t0:.0f} s", flush=True)

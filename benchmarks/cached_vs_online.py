@@ -21,10 +21,14 @@ from pathlib import Path
 
 import _bench
 
-from ph_reg.data.images import PreparationConfig, RandomCrops, StoredImageLoader, prepared_records
-from ph_reg.method.distill import DistillConfig, TargetPairs, distill
+from ph_reg.data.prepare import DataPreparationConfig, prepared_records
+from ph_reg.method.data import RandomCrops, StoredImageLoader
+from ph_reg.method.data import TargetPairs
+from ph_reg.method.train import distill
+from ph_reg.method.config import DistillConfig
 from ph_reg.method.targets import OnlineTargets
-from ph_reg.io import ShardReader, write_shards
+from ph_reg.method.tta import TTAConfig
+from ph_reg.io.shards import ShardReader, write_shards
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
 from ph_reg.method.targets import denoised_target_records
 
@@ -53,12 +57,12 @@ def main() -> None:
     max_per_forward = args.batch * args.views
 
     with tempfile.TemporaryDirectory(prefix="ph-reg-bench-") as tmp:
-        prep = PreparationConfig(image_size=args.img_size, max_images=args.images, val_fraction=0.0)
+        prep = DataPreparationConfig(image_size=args.img_size, max_images=args.images, val_fraction=0.0)
         write_shards(Path(tmp) / "images", prepared_records(prep, SEED))
         images = ShardReader(Path(tmp) / "images")
         prepare_started = time.perf_counter()
         write_shards(Path(tmp) / "targets", denoised_target_records(
-            teacher, images, SEED, n_views=args.views, batch_size=args.batch,
+            teacher, images, SEED, TTAConfig(n_views=args.views), batch_size=args.batch,
             max_images_per_forward=max_per_forward, progress=False))
         prepare_seconds = time.perf_counter() - prepare_started
         targets = ShardReader(Path(tmp) / "targets")
@@ -66,7 +70,7 @@ def main() -> None:
         cached = TargetPairs(images, targets, indices, student.mean, student.std)
         crops = RandomCrops([StoredImageLoader(images, i) for i in indices], args.img_size, student.mean,
                             student.std, SEED)
-        online = OnlineTargets(teacher, SEED, n_views=args.views, max_images_per_forward=max_per_forward)
+        online = OnlineTargets(teacher, SEED, TTAConfig(n_views=args.views), max_per_forward)
         _bench.header("Online vs cached teacher targets (one epoch each)", {
             "models": f"{args.arch} at {args.img_size} px, teacher head naclip, student head maskclip + "
                       f"{args.registers} registers (random weights)",

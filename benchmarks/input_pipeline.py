@@ -26,8 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ph_reg.method.distill import (DistillConfig, EpochTaggedSampler, TargetPairs, distillation_loss, parameter_groups)
-from ph_reg.io import ShardReader, write_shards
+from ph_reg.method.data import EpochTaggedSampler, TargetPairs, collate_items
+from ph_reg.method.loss import distillation_loss, parameter_groups
+from ph_reg.method.config import DistillConfig
+from ph_reg.io.shards import ShardReader, write_shards
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
 from ph_reg.method.targets import target_dtype
 from ph_reg.runtime import derive_seed
@@ -74,8 +76,8 @@ def main() -> None:
         workers = config.num_workers
         loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                             persistent_workers=workers > 0,
-                            multiprocessing_context="spawn" if workers > 0 else None)
-        preloaded = [tuple(torch.stack(t) for t in zip(*(dataset[(0, j)] for j in range(i, i + args.batch))))
+                            multiprocessing_context="spawn" if workers > 0 else None, collate_fn=collate_items)
+        preloaded = [collate_items([dataset[(0, j)] for j in range(i, i + args.batch)])
                      for i in range(0, count, args.batch)]
         _bench.header("Input pipeline (DataLoader over shard stores vs preloaded tensors)", {
             "student": f"{args.arch} maskclip + {args.registers} registers at {args.img_size} px, trainable "
@@ -99,12 +101,12 @@ def main() -> None:
         def from_loader() -> None:
             epoch[0] += 1
             sampler.use_epoch(epoch[0])
-            for images, targets in loader:
-                step(images, targets)
+            for batch in loader:
+                step(batch.image, batch.target)
 
         def from_memory() -> None:
-            for images, targets in preloaded:
-                step(images, targets)
+            for batch in preloaded:
+                step(batch.image, batch.target)
 
         timings = _bench.time_interleaved({"preloaded tensors": from_memory, "DataLoader (shards)": from_loader},
                                           args.repeats, args.warmup)

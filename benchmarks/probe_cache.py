@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ph_reg.evaluation.benchmarks import SyntheticScenes
-from ph_reg.io import ShardReader, write_shards
+from ph_reg.io.shards import ShardReader, write_shards
 from ph_reg.models import build_backbone
 from ph_reg.evaluation.probes import feature_stream, train_segmentation_probe
 from ph_reg.evaluation.probes.segmentation import LinearSegmentationProbe, poly_lr_lambda

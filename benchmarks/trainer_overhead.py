@@ -22,7 +22,10 @@ import _bench
 import torch
 from torch.utils.data import Dataset
 
-from ph_reg.method.distill import DistillConfig, distill, distillation_loss, parameter_groups
+from ph_reg.method.data import TrainItem
+from ph_reg.method.loss import distillation_loss, parameter_groups
+from ph_reg.method.train import distill
+from ph_reg.method.config import DistillConfig
 from ph_reg.models import DEFAULT_TRAINABLE, BackboneConfig, build_backbone
 
 TARGET = 1.10
@@ -30,7 +33,7 @@ SEED = 0
 
 
 class PreloadedPairs(Dataset):
-    """Item ``(epoch, i)`` -> ``(image, target)`` from tensors in memory (the cached-mode item format)."""
+    """Item ``(epoch, i)`` -> ``TrainItem(image, target)`` from tensors in memory (the cached-mode item)."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor):
         self.images, self.targets = images, targets
@@ -38,9 +41,9 @@ class PreloadedPairs(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> TrainItem:
         _, i = item
-        return self.images[i], self.targets[i]
+        return TrainItem(self.images[i], target=self.targets[i])
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def child(args) -> None:
     import torch
     from torch import nn
 
-    from ph_reg.method.tta import TTADenoiser
+    from ph_reg.method.tta import TTAConfig, TTADenoiser
     from ph_reg.models import BackboneConfig, build_backbone
 
     teacher = build_backbone(BackboneConfig(arch=args.arch, img_size=args.img_size, head="naclip")).eval()
@@ -48,7 +48,7 @@ def child(args) -> None:
     all_blocks = blocks  # keeps the skipped blocks' weights resident
     teacher.vit.transformer.resblocks = nn.ModuleList([*blocks[:args.depth - 1], blocks[-1]])
     denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value(),
-                           n_views=args.views, max_images_per_forward=args.max_images)
+                           TTAConfig(n_views=args.views), max_images_per_forward=args.max_images)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     before = rss_bytes()
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 import _bench
 import torch
 
-from ph_reg.method.tta import TTADenoiser, augment_images, max_shift, sample_views
+from ph_reg.method.tta import TTAConfig, TTADenoiser, augment_images, max_shift, sample_views
 from ph_reg.models import BackboneConfig, build_backbone
 
 TARGET = 1.05
@@ -35,7 +35,7 @@ def main() -> None:
     teacher = build_backbone(BackboneConfig(arch=args.arch, img_size=args.img_size, head=args.head)).eval()
     total = args.batch * args.views
     denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value(),
-                           n_views=args.views, max_images_per_forward=total)
+                           TTAConfig(n_views=args.views), max_images_per_forward=total)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     grid = args.img_size // teacher.patch_size
     views = sample_views(args.views, max_shift(grid), torch.Generator().manual_seed(0))

@@ -22,7 +22,9 @@ import _bench
 import torch
 
 from ph_reg.models import BackboneConfig, build_backbone
-from ph_reg.evaluation.zeroshot.harness import make_dense_fn, sliding_window_logits, sliding_windows, tta_dense_fn
+from ph_reg.evaluation.windows import sliding_windows
+from ph_reg.method.tta import TTAConfig
+from ph_reg.evaluation.zeroshot.harness import make_dense_fn, sliding_window_logits, tta_dense_fn
 
 PAPER_GFLOPS = {"MaskCLIP": 62.89, "PH-Reg student": 64.16, "NACLIP + 10x TTA": 647.6}
 NUM_QUERIES = 21  # VOC21
@@ -50,7 +52,7 @@ def main() -> None:
     methods = {
         "MaskCLIP": make_dense_fn(maskclip, "maskclip"),
         "PH-Reg student": make_dense_fn(student, "maskclip"),
-        f"NACLIP + {args.views}x TTA": tta_dense_fn(naclip, n_views=args.views),
+        f"NACLIP + {args.views}x TTA": tta_dense_fn(naclip, TTAConfig(n_views=args.views)),
     }
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, args.size, args.size, generator=gen)

@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
-# The kedro-viz browser tests (tests/test_viz.py, marker `browser`) drive Debian's chromium through chromedriver.
+# The kedro-viz browser tests (tests/integration/test_viz.py, marker `browser`) drive Debian's chromium through chromedriver.
 # As root they are installed here when missing; where that cannot be done those tests skip, naming what is missing
 # (under CI=true they fail instead).
 browser_packages() {

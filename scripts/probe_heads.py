@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-from ph_reg.evaluation.dense import probe_feature_streams, run_probes, write_probe_stores  # noqa: E402
+from ph_reg.evaluation.probes.run import probe_feature_streams, run_probes, write_probe_stores  # noqa: E402
 from ph_reg.models import BackboneConfig, build_backbone, clean_copy  # noqa: E402
 
 params = yaml.safe_load(open("conf/base/parameters.yml"))["backbone"]

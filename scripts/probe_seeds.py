@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-from ph_reg.evaluation.dense import run_probes  # noqa: E402
-from ph_reg.io import ShardReader  # noqa: E402
+from ph_reg.evaluation.probes.run import run_probes  # noqa: E402
+from ph_reg.io.shards import ShardReader  # noqa: E402
 
 CACHE = Path("data/05_model_input/probe_features")
 

@@ -71,6 +71,8 @@ def measure(folder: Path, pixels, base_params: dict) -> dict:
     import torch
 
     from ph_reg.evaluation.planted import planted_artifact_evaluation
+    from ph_reg.config import from_mapping
+    from ph_reg.method.targets import TeacherDenoisingConfig
     from ph_reg.models import BackboneConfig, build_backbone, load_trainable_state_dict
     from ph_reg.method.student import build_student_from_config
 
@@ -79,14 +81,13 @@ def measure(folder: Path, pixels, base_params: dict) -> dict:
     load_trainable_state_dict(student, safetensors.torch.load_file(folder / "data/06_models/student/weights.safetensors"))
     teacher = build_backbone(BackboneConfig.from_dict(config["teacher"])).eval()
     evaluation, denoising = base_params["evaluation"], base_params["teacher_denoising"]
-    tta = denoising["tta"]
+    denoising = from_mapping(TeacherDenoisingConfig, denoising, "teacher_denoising")
     with torch.no_grad():
         report, _, _ = planted_artifact_evaluation(
-            teacher, student.eval(), pixels, base_params["seed"], n_views=evaluation["planted"]["reference_views"],
-            target_views=tta["n_views"], k=evaluation["outlier_k"], low_cosine=evaluation["planted"]["low_cosine"],
-            batch_size=denoising["batch_size"], figure_images=1, shift_frac=tta["shift_frac"],
-            flip_prob=tta["flip_prob"], pool_factor=tta["pool_factor"],
-            max_images_per_forward=denoising["max_images_per_forward"])
+            teacher, student.eval(), pixels, base_params["seed"], denoising.tta,
+            reference_views=evaluation["planted"]["reference_views"], k=evaluation["outlier_k"],
+            low_cosine=evaluation["planted"]["low_cosine"], batch_size=denoising.batch_size, figure_images=1,
+            max_images_per_forward=denoising.max_images_per_forward)
     history = (folder / "data/07_model_output/loss_history.csv").read_text().strip().splitlines()
     header, last = history[0].split(","), history[-1].split(",")
     row = dict(zip(header, last))
@@ -104,7 +105,7 @@ def main() -> None:
     import torch
     from kedro.config import OmegaConfigLoader
 
-    from ph_reg.io import ShardReader
+    from ph_reg.io.shards import ShardReader
 
     loader = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="base")
     base_params = loader["parameters"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +96,75 @@ def make_project(root: Path, env_files: dict[str, str], env: str = "tiny", copy_
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project", TINY_OPEN_CLIP)
+
+
+# --- tests/pipelines/: each pipeline on a programmatic catalog ---------------------------------------------------
+# Each pipeline on a programmatic catalog, as Kedro's starters test theirs: the project's own config loader and
+# `catalog.yml` (file datasets under a temporary copy of the project), the parameters fed as `params:` datasets,
+# and `SequentialRunner` with the project's hooks, without a KedroSession or a subprocess. The four pipelines run
+# once per test session, each after the ones whose outputs it reads.
+
+
+
+ORDER = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
+
+
+def _feed(params: dict[str, Any], prefix: str = "params:") -> Iterator[tuple[str, Any]]:
+    """``params:a``, ``params:a.b``, ... for every nested key, as a session feeds them."""
+    for key, value in params.items():
+        yield f"{prefix}{key}", value
+        if isinstance(value, dict):
+            yield from _feed(value, f"{prefix}{key}.")
+
+
+class ProgrammaticProject:
+    def __init__(self, root: Path):
+        from kedro.framework.hooks import _create_hook_manager
+        from kedro.io import DataCatalog, MemoryDataset
+
+        from ph_reg import settings
+
+        self.root = root
+        loader = settings.CONFIG_LOADER_CLASS(conf_source=str(root / "conf"), env="tiny",
+                                              **settings.CONFIG_LOADER_ARGS)
+        self.params = loader["parameters"]
+        self.catalog = DataCatalog.from_config(loader["catalog"])
+        for name, value in _feed(self.params):
+            self.catalog[name] = MemoryDataset(value, copy_mode="assign")
+        self.hooks = _create_hook_manager()
+        for hook in settings.HOOKS:
+            self.hooks.register(hook)
+        self.done: list[str] = []
+
+    def run(self, name: str) -> None:
+        """Run pipeline ``name`` (and, first, every pipeline before it that has not run)."""
+        from kedro.runner import SequentialRunner
+
+        from ph_reg.pipeline_registry import register_pipelines
+
+        for earlier in ORDER[: ORDER.index(name) + 1]:
+            if earlier not in self.done:
+                SequentialRunner().run(register_pipelines()[earlier], self.catalog, hook_manager=self.hooks)
+                self.done.append(earlier)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Iterator[ProgrammaticProject]:
+    root = make_project(tmp_path_factory.mktemp("programmatic") / "project", TINY_OPEN_CLIP)
+    previous = os.getcwd()
+    os.chdir(root)   # catalog.yml's file paths are relative to the project
+    try:
+        yield ProgrammaticProject(root)
+    finally:
+        os.chdir(previous)
+
+
+INTEGRATION = PROJECT_ROOT / "tests" / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/integration/ is `slow`: `pytest -m "not slow"` is the fast part (unit and pipeline
+    tests)."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.slow)

@@ -23,16 +23,16 @@ from kedro.framework.cli.project import run as kedro_run
 from kedro.io import DatasetError
 
 #: The exception classes (module and qualified name, so that recognising them imports nothing) whose message is
-#: the whole story; their subclasses count too. tests/test_workflow_robust.py checks that each one exists.
+#: the whole story; their subclasses count too. tests/integration/test_workflow_robust.py checks that each one exists.
 USER_ERRORS = frozenset({
     "ph_reg.config.ConfigError",                      # invalid parameter <key>: got <value>; allowed: ...
     "builtins.FileNotFoundError",                     # a configured path, a store or a weights file that is missing
     "kedro.config.abstract_config.MissingConfigException",  # e.g. a misspelt --env
-    "ph_reg.data.images.ImageSourceError",                   # no usable image; a bad file under on_error: raise
-    "ph_reg.io.WriteError",                           # cannot write <file>: [Errno 28] No space left on device
-    "ph_reg.io.Interrupted",                          # stopped by SIGTERM, finished work saved; rerun to resume
-    "ph_reg.method.distill.NonFiniteBatchesError",           # too many non-finite batches: lower the learning rate
-    "ph_reg.method.distill.ResumeMismatchError",             # resume with settings that differ from the checkpoint's
+    "ph_reg.data.sources.ImageSourceError",                  # no usable image; a bad file under on_error: raise
+    "ph_reg.io.files.WriteError",                     # cannot write <file>: [Errno 28] No space left on device
+    "ph_reg.runtime.Interrupted",                     # stopped by SIGTERM, finished work saved; rerun to resume
+    "ph_reg.method.train.NonFiniteBatchesError",             # too many non-finite batches: lower the learning rate
+    "ph_reg.method.checkpoint.ResumeMismatchError",          # resume with settings that differ from the checkpoint's
     "ph_reg.models.backbone.WeightsUnavailableError",  # no network and no cached or local weights
 })
 

@@ -1,4 +1,4 @@
-"""Kedro hooks: per-node seeding and a provenance record for every run."""
+"""Kedro hooks: the parameters checked before a run, per-node seeding and a provenance record for every run."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def run_record(params: dict[str, Any], run_params: dict[str, Any]) -> dict[str, 
     }
 
 
-class NodeSeedHooks:
+class ProjectHooks:
     """Validate the parameters before any node runs, seed Python, NumPy and torch before each node from
     ``(seed, node.name)``, and record every run.
 
@@ -93,7 +93,7 @@ class NodeSeedHooks:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline) -> None:
         from ph_reg.params import validate_parameters
-        from ph_reg.io import write_json
+        from ph_reg.io.files import write_json
 
         validate_parameters(self.params, parameter_sections(pipeline))   # before any node runs
         self.seed = self.params.get("seed", 0)

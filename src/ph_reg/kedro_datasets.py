@@ -1,5 +1,5 @@
 """Kedro datasets for PH-Reg artifacts; all writes are atomic (temporary file, then rename), and a failed write
-names its file (:class:`ph_reg.io.WriteError`)."""
+names its file (:class:`ph_reg.io.files.WriteError`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kedro.io import AbstractDataset, DatasetError
 if TYPE_CHECKING:
     import torch
 
-    from ph_reg.io import RecordStream, ShardReader
+    from ph_reg.io.shards import RecordStream, ShardReader
 
 
 class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
@@ -21,7 +21,7 @@ class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
 
     The new store (with the stream's reports) replaces the old one only once it is complete: a failed save leaves
     the previous store as it was. A stream with ``records_from`` resumes an interrupted save: finished shards are
-    kept and their records are not computed again (:func:`ph_reg.io.write_stream`).
+    kept and their records are not computed again (:func:`ph_reg.io.shards.write_stream`).
     """
 
     def __init__(self, path: str, records_per_shard: int = 256, metadata: dict[str, Any] | None = None):
@@ -30,15 +30,15 @@ class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
         self.metadata = metadata
 
     def load(self) -> ShardReader:
-        from ph_reg.io import ShardReader
+        from ph_reg.io.shards import ShardReader
 
         return ShardReader(self._path)
 
     def save(self, data: RecordStream) -> None:
-        from ph_reg.io import RecordStream, write_stream
+        from ph_reg.io.shards import RecordStream, write_stream
 
         if not isinstance(data, RecordStream):
-            raise DatasetError(f"{self._path}: expected a ph_reg.io.RecordStream, got {type(data).__name__}")
+            raise DatasetError(f"{self._path}: expected a ph_reg.io.shards.RecordStream, got {type(data).__name__}")
         write_stream(self._path, data, self._records_per_shard)
 
     def _exists(self) -> bool:
@@ -56,12 +56,12 @@ class SafetensorsDataset(AbstractDataset["dict[str, torch.Tensor]", "dict[str, t
         self.metadata = metadata
 
     def load(self) -> dict[str, torch.Tensor]:
-        from ph_reg.io import load_tensors
+        from ph_reg.io.files import load_tensors
 
         return load_tensors(self._path)
 
     def save(self, data: dict[str, torch.Tensor]) -> None:
-        from ph_reg.io import save_tensors
+        from ph_reg.io.files import save_tensors
 
         save_tensors(self._path, data)
 
@@ -83,7 +83,7 @@ class JSONDataset(AbstractDataset[Any, Any]):
         return json.loads(self._path.read_text())
 
     def save(self, data: Any) -> None:
-        from ph_reg.io import write_json
+        from ph_reg.io.files import write_json
 
         write_json(self._path, data)
 
@@ -98,7 +98,7 @@ class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "di
     """Named shard stores in sub-folders of one folder (e.g. ``teacher/segmentation/voc21/train``).
 
     Saving replaces the whole collection, and only once every store of the new one is complete: a failed save
-    leaves the previous collection as it was (:func:`ph_reg.io.replace_folder`).
+    leaves the previous collection as it was (:func:`ph_reg.io.files.replace_folder`).
     """
 
     def __init__(self, path: str, records_per_shard: int = 64, metadata: dict[str, Any] | None = None):
@@ -107,7 +107,7 @@ class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "di
         self.metadata = metadata
 
     def load(self) -> dict[str, ShardReader]:
-        from ph_reg.io import ShardReader
+        from ph_reg.io.shards import ShardReader
 
         if not self._path.is_dir():
             raise DatasetError(f"no shard-store collection at {self._path}")
@@ -115,11 +115,12 @@ class ShardStoreCollectionDataset(AbstractDataset["dict[str, RecordStream]", "di
                 for index in sorted(self._path.rglob("index.json"))}
 
     def save(self, data: dict[str, RecordStream]) -> None:
-        from ph_reg.io import RecordStream, replace_folder, write_shards
+        from ph_reg.io.shards import RecordStream, write_shards
+        from ph_reg.io.files import replace_folder
 
         for name, stream in data.items():
             if not isinstance(stream, RecordStream):
-                raise DatasetError(f"{self._path}/{name}: expected a ph_reg.io.RecordStream, got {type(stream).__name__}")
+                raise DatasetError(f"{self._path}/{name}: expected a ph_reg.io.shards.RecordStream, got {type(stream).__name__}")
         with replace_folder(self._path) as staging:
             for name, stream in data.items():
                 write_shards(staging / name, stream.records, stream.records_per_shard or self._records_per_shard,
@@ -153,7 +154,7 @@ class AtomicFileDataset(AbstractDataset[Any, Any]):
         return self._inner(self._filepath).load()
 
     def save(self, data: Any) -> None:
-        from ph_reg.io import atomic_path
+        from ph_reg.io.files import atomic_path
 
         with atomic_path(self._filepath) as tmp:
             # the temporary name keeps the real suffix, so format-sniffing writers behave as for the real file

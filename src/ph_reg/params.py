@@ -1,9 +1,13 @@
 """A run's parameters, from the YAML sections to the typed configs: every mistake is caught at pipeline start with a
 message naming the key, the value and what is allowed.
 
-Each pipeline's nodes call the ``*_params`` function of their section first; :func:`validate_parameters` checks
-every section at once (for a hook before the run). The architecture is looked up on PyTorch's ``meta`` device: no
-weights are built or downloaded, so the check takes a fraction of a second even for a ViT-g.
+The config dataclasses live beside the code they configure (:class:`~ph_reg.data.prepare.DataPreparationConfig`,
+:class:`~ph_reg.method.targets.TeacherDenoisingConfig` with its :class:`~ph_reg.method.tta.TTAConfig`,
+:class:`~ph_reg.method.config.StudentDistillationConfig`); this module builds them from the sections with
+:func:`ph_reg.config.from_mapping` (the ``*_params`` functions, which each pipeline's nodes call first) and adds what
+needs more than one section: the backbone (looked up on PyTorch's ``meta`` device: no weights are built or
+downloaded, so the check takes a fraction of a second even for a ViT-g), the ``evaluation`` section's checks and the
+cross-section checks. :func:`validate_parameters` checks every section at once (the hooks call it before a run).
 """
 
 
@@ -11,27 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import Any
 
 from ph_reg.config import (ConfigError, _bool, _choice, _device, _int, _is_int, _known_keys, _number, _optional_int,
-                           _typed)
-from ph_reg.data.images import BUILTIN_SOURCE, DEFAULT_MAX_IMAGE_PIXELS, ON_ERROR_POLICIES, PreparationConfig
-from ph_reg.method.distill import TARGET_MODES, DistillConfig
-from ph_reg.models.backbone import (DEFAULT_POS_EMBED_INTERP, DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, POS_EMBED_INTERP,
-                              BackboneConfig, DenseViT, OpenClipDenseViT, TimmDenseViT, timm_kwargs)
-from ph_reg.method.targets import DTYPES
+                           _typed, from_mapping)
+from ph_reg.data.prepare import SPLITS, DataPreparationConfig
+from ph_reg.method.config import StudentDistillationConfig
+from ph_reg.method.targets import TeacherDenoisingConfig
+from ph_reg.models.backbone import DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, BackboneConfig, DenseViT
+from ph_reg.models.factory import FAMILY_ADAPTERS, meta_backbone, patch_size
+from ph_reg.models.pos_embed import DEFAULT_POS_EMBED_INTERP, POS_EMBED_INTERP
 
-SPLITS = ("train", "val")
-#: shift_frac must lie strictly inside this interval (method.md: shifts of up to half the grid alias).
-SHIFT_FRAC_BOUNDS = (0.0, 0.5)
 SUGGESTIONS = 3
 #: The top-level sections of the parameters; any other top-level key is refused (a misspelt section would else be
 #: ignored, and its section's defaults used without a word).
@@ -40,36 +36,15 @@ SECTIONS = ("seed", "backbone", "data_preparation", "teacher_denoising", "studen
 
 # --- backbone --------------------------------------------------------------------------------------------------
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """open_clip warns "initialized randomly" for every model it builds: not news for a meta-device check."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def _check_arch(arch: Any, key: str = "backbone.arch") -> tuple[str, str]:
     families = tuple(HEADS)
     if not isinstance(arch, str) or arch.partition(":")[0] not in families or not arch.partition(":")[2]:
         raise ConfigError(key, arch, f"'<family>:<name>' with family one of {list(families)}, e.g. "
                                      f"'open_clip:ViT-B-16' or 'timm:vit_base_patch14_dinov2'")
     family, _, name = arch.partition(":")
-    if family == "open_clip":
-        import open_clip
-
-        if name.startswith(HF_HUB_PREFIX) or open_clip.get_model_config(name) is not None:
-            return family, name
-        names = open_clip.list_models()
-    else:
-        import timm
-
-        if timm.is_model(name.partition(".")[0]):
-            return family, name
-        names = timm.list_models()
-    close = difflib.get_close_matches(name, names, SUGGESTIONS)
+    if FAMILY_ADAPTERS[family].is_known(name):
+        return family, name
+    close = difflib.get_close_matches(name, FAMILY_ADAPTERS[family].list_models(), SUGGESTIONS)
     hint = f"; did you mean {[f'{family}:{c}' for c in close]}?" if close else ""
     raise ConfigError(key, arch, f"an architecture {family} knows (see {family}.list_models()){hint}")
 
@@ -79,54 +54,12 @@ def _check_pretrained(family: str, name: str, tag: Any, key: str = "backbone.pre
         return
     if not isinstance(tag, str) or not tag:
         raise ConfigError(key, tag, "null (random or checkpoint weights) or a pretrained tag string")
-    if family == "open_clip":
-        import open_clip
-
-        tags = open_clip.list_pretrained_tags_by_model(name)
-    else:
-        import timm
-
-        if "." in name:
-            raise ConfigError(key, tag, f"null: the arch {name!r} already names its tag after the dot")
-        tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{name}.*")]
+    tags = FAMILY_ADAPTERS[family].pretrained_tags(name)
+    if tags is None:
+        raise ConfigError(key, tag, f"null: the arch {name!r} already names its tag after the dot")
     if tag not in tags:
         raise ConfigError(key, tag, f"a pretrained tag of {family}:{name}: {tags}" if tags else
                           f"null: {family}:{name} has no pretrained weights (set backbone.checkpoint to a local file)")
-
-
-def patch_size(config: BackboneConfig) -> int | None:
-    """The patch size of ``config.arch`` without building weights; None for ``hf-hub:`` names (read from the hub)."""
-    if config.model_name.startswith(HF_HUB_PREFIX):
-        return None
-    if config.family == "open_clip":
-        import open_clip
-
-        vision = open_clip.get_model_config(config.model_name)["vision_cfg"]
-        patch = vision.get("patch_size", 0)
-        return patch[0] if isinstance(patch, (tuple, list)) else patch
-    import timm
-
-    with torch.device("meta"), _quiet():
-        vit = timm.create_model(config.model_name, pretrained=False, **dict(config.model_kwargs))
-    return vit.patch_embed.patch_size[0]
-
-
-def meta_backbone(config: BackboneConfig) -> DenseViT | None:
-    """The architecture of ``config`` on the ``meta`` device (parameter names and shapes, no data, no download), to
-    check trainable-group names; None for ``hf-hub:`` names."""
-    if config.model_name.startswith(HF_HUB_PREFIX):
-        return None
-    shape_only = dataclasses.replace(config, pretrained=None, checkpoint=None)
-    with torch.device("meta"), _quiet():
-        if config.family == "open_clip":
-            import open_clip
-
-            model = open_clip.create_model(config.model_name, device="meta", **dict(config.model_kwargs))
-            return OpenClipDenseViT(shape_only, model.visual)
-        import timm
-
-        vit = timm.create_model(config.model_name, pretrained=False, **timm_kwargs(config))
-        return TimmDenseViT(shape_only, vit)
 
 
 def check_resolution(key: str, size: Any, patch: int | None, arch: str) -> None:
@@ -166,152 +99,18 @@ def backbone_params(backbone: Mapping[str, Any], head: Any = "default", num_regi
 
 # --- sections --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DataPreparationParams:
-    """The ``data_preparation`` section."""
-
-    config: PreparationConfig
-    records_per_shard: int | None = None
+def data_preparation_params(values: Mapping[str, Any] | None, section: str = "data_preparation",
+                            ) -> DataPreparationConfig:
+    """The ``data_preparation`` section (a folder source must exist)."""
+    return from_mapping(DataPreparationConfig, values, section)
 
 
-def data_preparation_params(values: Mapping[str, Any], section: str = "data_preparation") -> DataPreparationParams:
-    """Validate ``data_preparation``; a folder source must exist."""
-    known = [f.name for f in dataclasses.fields(PreparationConfig)] + ["records_per_shard"]
-    _known_keys(section, values, known)
-    defaults = PreparationConfig()
-    get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-    source = get("source")
-    if not isinstance(source, str) or not source:
-        raise ConfigError(f"{section}.source", source, f"{BUILTIN_SOURCE!r} or the path of a folder of images")
-    if not source.startswith("builtin:") and not Path(source).is_dir():
-        raise FileNotFoundError(f"invalid parameter {section}.source: got {source!r}, which is not an existing "
-                                f"folder; allowed: a folder of images, or {BUILTIN_SOURCE!r}")
-    if source.startswith("builtin:"):
-        _choice(f"{section}.source", source, [BUILTIN_SOURCE])
-    image_size = _int(f"{section}.image_size", get("image_size"), 1)
-    config = PreparationConfig(
-        source=source,
-        image_size=image_size,
-        crops_per_image=_int(f"{section}.crops_per_image", get("crops_per_image"), 1),
-        val_fraction=_val_fraction(f"{section}.val_fraction", get("val_fraction")),
-        min_side=_int(f"{section}.min_side", get("min_side"), 1),
-        on_error=_choice(f"{section}.on_error", get("on_error"), ON_ERROR_POLICIES),
-        max_images=_optional_int(f"{section}.max_images", get("max_images"), 1),
-        max_image_pixels=_optional_int(f"{section}.max_image_pixels", values.get("max_image_pixels",
-                                                                                   DEFAULT_MAX_IMAGE_PIXELS), 1),
-    )
-    records = _optional_int(f"{section}.records_per_shard", values.get("records_per_shard"), 1)
-    return DataPreparationParams(config, records)
-
-
-def _val_fraction(key: str, value: Any) -> float:
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not numeric or not 0.0 <= value < 1.0:
-        raise ConfigError(key, value, "a number in [0, 1)")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class TTAParams:
-    """``teacher_denoising.tta``: the test-time augmentation of the teacher (method.md section 4)."""
-
-    n_views: int = 10
-    shift_frac: float = 0.15
-    flip_prob: float = 0.5
-    pool_factor: int = 10
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising.tta") -> "TTAParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        low, high = SHIFT_FRAC_BOUNDS
-        return cls(n_views=_int(f"{section}.n_views", get("n_views"), 1),
-                   shift_frac=_number(f"{section}.shift_frac", get("shift_frac"), low, high, closed=False),
-                   flip_prob=_number(f"{section}.flip_prob", get("flip_prob"), 0.0, 1.0),
-                   pool_factor=_int(f"{section}.pool_factor", get("pool_factor"), 1))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class TeacherDenoisingParams:
-    """The ``teacher_denoising`` section."""
-
-    mode: str = "cached"
-    head: str = "naclip"
-    tta: TTAParams = field(default_factory=TTAParams)
-    batch_size: int = 4
-    max_images_per_forward: int = 20
-    target_dtype: str = "float32"
-    records_per_shard: int = 64
-    device: str = "auto"
-    resume: bool = True
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "teacher_denoising") -> "TeacherDenoisingParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        return cls(mode=_choice(f"{section}.mode", get("mode"), TARGET_MODES),
-                   head=get("head"),
-                   tta=TTAParams.from_dict(values.get("tta", {}), f"{section}.tta"),
-                   batch_size=_int(f"{section}.batch_size", get("batch_size"), 1),
-                   max_images_per_forward=_int(f"{section}.max_images_per_forward", get("max_images_per_forward"), 1),
-                   target_dtype=_choice(f"{section}.target_dtype", get("target_dtype"), sorted(DTYPES)),
-                   records_per_shard=_int(f"{section}.records_per_shard", get("records_per_shard"), 1),
-                   device=_device(f"{section}.device", get("device")),
-                   resume=_bool(f"{section}.resume", get("resume")))
-
-
-def teacher_denoising_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
-                             ) -> tuple[BackboneConfig, TeacherDenoisingParams]:
-    """Validate ``teacher_denoising`` and the teacher's backbone (its head, no registers)."""
-    params = TeacherDenoisingParams.from_dict(values)
+def teacher_denoising_params(backbone: Mapping[str, Any], values: Mapping[str, Any] | None,
+                             ) -> tuple[BackboneConfig, TeacherDenoisingConfig]:
+    """The ``teacher_denoising`` section and the teacher's backbone (its head, no registers)."""
+    params = from_mapping(TeacherDenoisingConfig, values, "teacher_denoising")
     config = backbone_params(backbone, params.head, 0, head_key="teacher_denoising.head")
     return config, params
-
-
-@dataclass(frozen=True)
-class StudentDistillationParams:
-    """The ``student_distillation`` section."""
-
-    head: str = "maskclip"
-    num_registers: int = 16
-    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
-    train_split: str = "train"
-    targets: str = "cached"
-    checkpoint_dir: str | None = None
-    snapshot_dir: str | None = None   # the epoch snapshots of training.snapshot_every / snapshot_epochs (null: none)
-    training: DistillConfig = field(default_factory=DistillConfig)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], section: str = "student_distillation") -> "StudentDistillationParams":
-        _known_keys(section, values, [f.name for f in dataclasses.fields(cls)])
-        defaults = cls()
-        get = lambda key: values.get(key, getattr(defaults, key))  # noqa: E731
-        trainable = get("trainable")
-        if isinstance(trainable, str):
-            trainable = [trainable]
-        if not isinstance(trainable, Sequence) or not trainable or not all(isinstance(t, str) for t in trainable):
-            raise ConfigError(f"{section}.trainable", trainable,
-                              f"a non-empty list of groups from {list(DEFAULT_TRAINABLE)}, 'block:<index>' or "
-                              f"fnmatch patterns on parameter names")
-        checkpoint_dir = get("checkpoint_dir")
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise ConfigError(f"{section}.checkpoint_dir", checkpoint_dir, "null or a folder path")
-        snapshot_dir = get("snapshot_dir")
-        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
-            raise ConfigError(f"{section}.snapshot_dir", snapshot_dir, "null or a folder path")
-        return cls(head=get("head"),
-                   num_registers=_int(f"{section}.num_registers", get("num_registers"), 0),
-                   trainable=tuple(trainable),
-                   train_split=_choice(f"{section}.train_split", get("train_split"), SPLITS),
-                   targets=_choice(f"{section}.targets", get("targets"), TARGET_MODES),
-                   checkpoint_dir=checkpoint_dir,
-                   snapshot_dir=snapshot_dir,
-                   training=DistillConfig.from_dict(dict(values.get("training", {})), f"{section}.training"))
 
 
 def check_trainable(config: BackboneConfig, trainable: Sequence[str], model: DenseViT | None = None,
@@ -328,17 +127,18 @@ def check_trainable(config: BackboneConfig, trainable: Sequence[str], model: Den
                                          f"matching parameters of {config.arch} ({error})") from None
 
 
-def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str, Any],
-                                ) -> tuple[BackboneConfig, StudentDistillationParams]:
-    """Validate ``student_distillation``, the student's backbone (head, registers) and its trainable groups."""
-    params = StudentDistillationParams.from_dict(values)
-    config = backbone_params(backbone, params.head, params.num_registers, head_key="student_distillation.head",
-                             registers_key="student_distillation.num_registers", student=True)
+def student_distillation_params(backbone: Mapping[str, Any], values: Mapping[str, Any] | None,
+                                ) -> tuple[BackboneConfig, StudentDistillationConfig]:
+    """The ``student_distillation`` section, the student's backbone (head, registers) and its trainable groups."""
+    section = "student_distillation"
+    params = from_mapping(StudentDistillationConfig, values, section)
+    config = backbone_params(backbone, params.head, params.num_registers, head_key=f"{section}.head",
+                             registers_key=f"{section}.num_registers", student=True)
     check_trainable(config, params.trainable)
     return config, params
 
 
-def check_student_snapshot(epoch: Any, params: StudentDistillationParams,
+def check_student_snapshot(epoch: Any, params: StudentDistillationConfig,
                            key: str = "evaluation.student_snapshot") -> int:
     """``evaluation.student_snapshot`` must name an epoch that the training keeps a snapshot of (checked before
     training starts, so a 100-epoch run never ends without the snapshot its evaluation needs)."""
@@ -411,15 +211,15 @@ def _dataset_spec(key: str, spec: Any) -> None:
 def _zero_shot_benchmark(key: str, spec: Any) -> list[str] | None:
     """One ``evaluation.zero_shot.benchmarks`` entry; returns its queries where known without data (None for
     ``classes: dataset``)."""
-    from ph_reg.evaluation.dense import CLASSES_FROM_DATASET
-    from ph_reg.evaluation.zeroshot import BENCHMARKS, ZeroShotSettings, load_class_file, parse_class_lines
+    from ph_reg.evaluation.zeroshot.run import CLASSES_FROM_DATASET
+    from ph_reg.evaluation.zeroshot import BENCHMARKS, ZeroShotConfig, load_class_file, parse_class_lines
 
     _known_keys(key, spec, ZERO_SHOT_BENCHMARK_KEYS)
     _required(key, spec, ("dataset", "settings"))
     _dataset_spec(f"{key}.dataset", spec["dataset"])
     settings = spec["settings"]
-    _known_keys(f"{key}.settings", settings, _fields(ZeroShotSettings))
-    _typed(f"{key}.settings", settings, lambda: ZeroShotSettings.from_dict(settings), _fields(ZeroShotSettings))
+    _known_keys(f"{key}.settings", settings, _fields(ZeroShotConfig))  # a null is refused, not defaulted
+    from_mapping(ZeroShotConfig, settings, f"{key}.settings")
     classes = spec.get("classes", CLASSES_FROM_DATASET)
     if isinstance(classes, str):
         _name(f"{key}.classes", classes, [CLASSES_FROM_DATASET, *sorted(BENCHMARKS)])
@@ -431,7 +231,7 @@ def _zero_shot_benchmark(key: str, spec: Any) -> list[str] | None:
 
 
 def _zero_shot(key: str, values: Any) -> None:
-    from ph_reg.evaluation.dense import STUDENT_HEAD
+    from ph_reg.evaluation.zeroshot.run import STUDENT_HEAD
     from ph_reg.evaluation.zeroshot import ZERO_SHOT_HEADS
 
     _known_keys(key, values, ZERO_SHOT_KEYS)
@@ -492,12 +292,12 @@ def _probe_benchmark(key: str, task: str, spec: Any, patch: int | None, batch_si
     _typed(f"{key}.augment", augment or {}, lambda: augmentation_for(task, spec), _fields(AUGMENTATIONS[task]))
     recipe = {"segmentation": SegmentationProbeConfig, "depth": DepthProbeConfig}[task]
     probe = spec.get("probe") or {}
-    _known_keys(f"{key}.probe", probe, _fields(recipe))
-    _typed(f"{key}.probe", probe, lambda: recipe.from_dict(probe), _fields(recipe))
+    from_mapping(recipe, probe, f"{key}.probe")
 
 
 def _probes(key: str, values: Any, backbone: BackboneConfig, batch_size: int) -> None:
-    from ph_reg.evaluation.dense import PROBE_TASKS, PUBLISHED_TABLE2
+    from ph_reg.evaluation.probes.run import PROBE_TASKS
+    from ph_reg.evaluation.published import PUBLISHED_TABLE2
     from ph_reg.evaluation.probes.cache import FEATURE_DTYPES
     from ph_reg.evaluation.probes.online import PROBE_MODES
 
@@ -526,7 +326,7 @@ def evaluation_params(values: Mapping[str, Any], backbone: BackboneConfig, secti
                       ) -> dict[str, Any]:
     """Validate the ``evaluation`` section for ``backbone`` (the evaluated base model) without reading any data:
     every key (a typo gets the close match), its type and allowed values; each zero-shot benchmark (its dataset
-    spec, classes and ``ZeroShotSettings``); each probe benchmark (its dataset specs, the crop, stride and short
+    spec, classes and ``ZeroShotConfig``); each probe benchmark (its dataset specs, the crop, stride and short
     side as the feature cache checks them, the online ``augment`` and the ``probe`` recipe:
     ``SegmentationProbeConfig`` / ``DepthProbeConfig``); and that every ``run`` entry and the zero-shot figure
     name a defined benchmark. The typed configs' own ``from_dict`` checks do the work, their errors re-raised with
@@ -589,7 +389,7 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
     if "data_preparation" in result or "evaluation" in wanted:
         config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
         if "data_preparation" in result:
-            check_resolution("data_preparation.image_size", result["data_preparation"].config.image_size,
+            check_resolution("data_preparation.image_size", result["data_preparation"].image_size,
                              patch_size(config), config.arch)
         if "evaluation" in wanted:
             result["evaluation"] = evaluation_params(params["evaluation"], config)

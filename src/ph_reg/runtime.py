@@ -1,10 +1,15 @@
-"""Seeds, devices and small helpers shared by the library."""
+"""Seeds, devices, precision (autocast) and graceful stops on SIGINT/SIGTERM: the run-time helpers shared by the
+library."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import random
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +44,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA, none (fp32) on CPU (the ``"auto"`` precision)."""
     return torch.bfloat16 if device.type == "cuda" else None
 
+
+#: Stored tensor dtypes by config name (``teacher_denoising.target_dtype``, ``evaluation.probes.feature_dtype``).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Evaluation precisions (``evaluation.precision``): ``fp32`` runs without autocast; ``bf16`` and ``fp16`` run the
 #: forward under ``torch.autocast`` with that dtype on every device; ``auto`` is bf16 on CUDA and fp32 on the CPU.
@@ -84,3 +92,57 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+# --- graceful stops ----------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(RuntimeError):
+    """A run stopped cleanly on SIGINT/SIGTERM after saving what it had finished; rerunning continues from there."""
+
+
+class StopRequest:
+    """Set by :func:`stop_on_signals` when SIGINT or SIGTERM arrives; loops poll it at safe points."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Turn the first SIGINT/SIGTERM into a stop request instead of killing the process.
+
+    The caller finishes its current step, saves, and stops. The handler is removed at the first signal, so a second
+    one acts at once (SIGINT raises KeyboardInterrupt, SIGTERM kills). Outside the main thread signals cannot be
+    caught and the request is never set.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def request_stop(signum: int, frame: Any) -> None:  # no logging here: it is not reentrant
+        stop.signum = signum
+        restore()
+
+    for sig in signals:
+        signal.signal(sig, request_stop)
+    try:
+        yield stop
+    finally:
+        restore()

@@ -7,7 +7,7 @@ from typing import Any
 from kedro.config import MissingConfigException, OmegaConfigLoader
 from omegaconf import OmegaConf
 
-from ph_reg.hooks import NodeSeedHooks
+from ph_reg.hooks import ProjectHooks
 
 #: A file in a configuration environment that names the environment it extends (``parent: paper``). Its name
 #: matches none of the loader's config patterns, so Kedro never reads it as parameters, catalog or globals.
@@ -78,7 +78,7 @@ class LayeredConfigLoader(OmegaConfigLoader):
         return merged
 
 
-HOOKS = (NodeSeedHooks(),)
+HOOKS = (ProjectHooks(),)
 
 CONFIG_LOADER_CLASS = LayeredConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ph_reg.io import load_tensors
+from ph_reg.io.files import load_tensors
 from ph_reg.models import BackboneConfig, DenseViT, build_backbone, load_trainable_state_dict
 
 STUDENT_FORMAT = "ph-reg-student/1"
@@ -23,11 +23,6 @@ WEIGHTS_NAME = "weights.safetensors"
 def teacher_backbone(backbone: Mapping[str, Any], head: str) -> BackboneConfig:
     """The teacher: the shared backbone parameters with the teacher head and no registers (a frozen model)."""
     return BackboneConfig.from_dict({**backbone, "head": head, "num_registers": 0, "student": False})
-
-
-def student_backbone(backbone: Mapping[str, Any], head: str, num_registers: int) -> BackboneConfig:
-    """The student: the shared backbone parameters with the student head and ``num_registers`` registers."""
-    return BackboneConfig.from_dict({**backbone, "head": head, "num_registers": num_registers, "student": True})
 
 
 def student_config(backbone: BackboneConfig, trainable_groups: Sequence[str], trainable_names: Sequence[str],
@@ -82,7 +77,7 @@ def write_student(folder: str | os.PathLike, weights: Mapping[str, Any], config:
     import shutil
     import tempfile
 
-    from ph_reg.io import save_tensors, write_json
+    from ph_reg.io.files import save_tensors, write_json
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +189,7 @@ def merged_state_dict(model: DenseViT) -> dict[str, Any]:
 def export_merged(student_folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write the merged full state dict of the student in ``student_folder`` to ``output`` (safetensors), with the
     student config as metadata. Returns the output path."""
-    from ph_reg.io import save_tensors
+    from ph_reg.io.files import save_tensors
 
     folder = Path(student_folder)
     model = load_student(folder)

@@ -1,20 +1,40 @@
-"""Denoised teacher targets for a store of prepared images, streamed as shard records."""
+"""Denoised teacher targets: the ``teacher_denoising`` section (:class:`TeacherDenoisingConfig`), the cached
+targets of a store of prepared images streamed as shard records (:func:`denoised_target_records`), and the online
+targets recomputed for every training batch (:class:`OnlineTargets`). Both take one :class:`TTAConfig` whole."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ph_reg.method.tta import TTADenoiser, image_generators
-from ph_reg.io import Interrupted, stop_on_signals
+from ph_reg.config import at_least, boolean, one_of
+from ph_reg.config import device as a_device
+from ph_reg.method.tta import MAX_IMAGES_PER_FORWARD, TTAConfig, TTADenoiser, image_generators
 from ph_reg.models import DenseViT
-from ph_reg.runtime import autocast_dtype, normalize
+from ph_reg.runtime import AUTO_PRECISION, DTYPES, Interrupted, autocast, module_device, normalize, stop_on_signals
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Where the student's targets come from: the teacher_denoising store, or the teacher during training.
+TARGET_MODES = ("cached", "online")
+
+
+@dataclass(frozen=True)
+class TeacherDenoisingConfig:
+    """The ``teacher_denoising`` section: the target mode, the teacher's head (checked against the backbone by
+    :mod:`ph_reg.params`), the TTA views, the batching and memory budget of the teacher, and the target store."""
+
+    mode: str = field(default="cached", metadata=one_of(TARGET_MODES))
+    head: str = "naclip"
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    batch_size: int = field(default=4, metadata=at_least(1))   # images per TTA call (views are drawn per image)
+    max_images_per_forward: int = field(default=MAX_IMAGES_PER_FORWARD, metadata=at_least(1))
+    target_dtype: str = field(default="float32", metadata=one_of(sorted(DTYPES)))
+    records_per_shard: int = field(default=64, metadata=at_least(1))
+    device: str = field(default="auto", metadata=a_device())
+    resume: bool = field(default=True, metadata=boolean())
 
 
 def target_dtype(name: str) -> torch.dtype:
@@ -25,8 +45,8 @@ def target_dtype(name: str) -> torch.dtype:
 
 
 def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.Tensor]], seed: int,
-                            n_views: int = 10, shift_frac: float = 0.15, flip_prob: float = 0.5,
-                            pool_factor: int = 10, batch_size: int = 8, max_images_per_forward: int = 64,
+                            tta: TTAConfig, batch_size: int = TeacherDenoisingConfig.batch_size,
+                            max_images_per_forward: int = MAX_IMAGES_PER_FORWARD,
                             dtype: torch.dtype = torch.float32, progress: bool = True, start: int = 0,
                             indices: Sequence[int] | None = None,
                             ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
@@ -39,7 +59,7 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
     batch_size)``, so a run resumed at ``start`` computes exactly the targets an uninterrupted run would (the batch
     holding ``start`` is recomputed, the earlier ones are not).
 
-    SIGINT/SIGTERM stop the stream at the next batch boundary with :class:`ph_reg.io.Interrupted`; the shard
+    SIGINT/SIGTERM stop the stream at the next batch boundary with :class:`ph_reg.runtime.Interrupted`; the shard
     writer keeps the finished shards.
     """
     if not 0 <= start <= len(images):
@@ -50,11 +70,9 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
         order = [int(i) for i in indices]
         if start or not all(0 <= i < len(images) for i in order):
             raise ValueError(f"indices must be record indices in [0, {len(images)}) and start 0; got start {start}")
-    device = next(teacher.parameters()).device
-    amp = autocast_dtype(device)
-    denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(device),
-                           n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
-                           max_images_per_forward=max_images_per_forward)
+    device = module_device(teacher)
+    denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(device), tta,
+                           max_images_per_forward)
     teacher.eval()
     with stop_on_signals() as stop:
         for first in tqdm(range(0, len(order), batch_size), desc="teacher TTA", disable=not progress):
@@ -65,8 +83,7 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
                     f"the finished shards are kept, and the next run continues from the first missing one")
             batch = normalize(torch.stack([images[i]["image"] for i in batch_indices]), teacher.mean,
                               teacher.std).to(device)
-            context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-            with torch.no_grad(), context:
+            with torch.no_grad(), autocast(device, AUTO_PRECISION):
                 targets = denoiser(batch, image_generators(seed, 0, batch_indices))
             for index, target in zip(batch_indices, targets.float().cpu()):
                 if index >= start:
@@ -81,12 +98,11 @@ class OnlineTargets:
     targets agree when the crop is fixed and the epoch is 0, whatever the batches.
     """
 
-    def __init__(self, teacher: nn.Module, seed: int, n_views: int = 10, shift_frac: float = 0.15,
-                 flip_prob: float = 0.5, pool_factor: int = 10, max_images_per_forward: int = 64):
+    def __init__(self, teacher: nn.Module, seed: int, tta: TTAConfig,
+                 max_images_per_forward: int = MAX_IMAGES_PER_FORWARD):
         self.teacher = teacher.eval().requires_grad_(False)
         self.seed = seed
-        self.tta = dict(n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob, pool_factor=pool_factor,
-                        max_images_per_forward=max_images_per_forward)
+        self.tta, self.max_images_per_forward = tta, max_images_per_forward
 
     def to(self, device: torch.device) -> "OnlineTargets":
         self.teacher.to(device)
@@ -96,7 +112,6 @@ class OnlineTargets:
     def __call__(self, images: torch.Tensor, epoch: int, indices: Sequence[int]) -> torch.Tensor:
         teacher = self.teacher
         denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(images.device),
-                               **self.tta)
-        amp = autocast_dtype(images.device)
-        with torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext():
+                               self.tta, self.max_images_per_forward)
+        with autocast(images.device, AUTO_PRECISION):
             return denoiser(images, image_generators(self.seed, epoch, indices)).float()

@@ -2,7 +2,7 @@
 
 The teacher is run on ``n`` copies of each image, shifted by whole patches and optionally mirrored. Artifact tokens
 do not move with the image content, so mapping every output token back to the original patch it came from and
-averaging over the views cancels them out (method.md, section 2).
+averaging over the views cancels them out (docs/method.md, section 2).
 
 Conventions:
     * A view is an integer offset ``(oy, ox)`` in patches plus a horizontal-flip flag. View 0 is the identity.
@@ -25,6 +25,7 @@ from ph_reg.config import at_least, number_in
 from ph_reg.runtime import generator as seeded_generator
 
 __all__ = [
+    "MAX_IMAGES_PER_FORWARD",
     "TTAConfig",
     "TTAViews",
     "max_shift",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 GRID_FILL = -1  # patch index of grid cells that have no source patch
+#: The default memory budget of a denoiser: augmented images per ``features_fn`` call
+#: (``teacher_denoising.max_images_per_forward``); the one place it is written.
+MAX_IMAGES_PER_FORWARD = 20
 #: shift_frac must lie strictly inside this interval: shifts of up to half the grid alias.
 SHIFT_FRAC_BOUNDS = (0.0, 0.5)
 
@@ -110,12 +114,9 @@ class TTAViews:
         return (self.offsets[:, None].expand(-1, batch, -1), self.flips[:, None].expand(-1, batch))
 
 
-def max_shift(patches_per_side: int, shift_frac: float = 0.15) -> int:
+def max_shift(patches_per_side: int, shift_frac: float = TTAConfig.shift_frac) -> int:
     """Maximum shift in patches, ``round(shift_frac * patches_per_side)`` (28 -> 4, 37 -> 6)."""
-    if patches_per_side < 1:
-        raise ValueError(f"patches_per_side must be >= 1, got {patches_per_side}")
-    if not 0.0 <= shift_frac <= 1.0:
-        raise ValueError(f"shift_frac must be in [0, 1], got {shift_frac}")
+    assert patches_per_side >= 1 and 0.0 <= shift_frac <= 1.0, (patches_per_side, shift_frac)
     return int(round(shift_frac * patches_per_side))
 
 
@@ -141,8 +142,8 @@ def sample_views(
     n_views: int,
     max_shift: int,
     generator: torch.Generator,
-    flip_prob: float = 0.5,
-    pool_factor: int = 10,
+    flip_prob: float = TTAConfig.flip_prob,
+    pool_factor: int = TTAConfig.pool_factor,
 ) -> TTAViews:
     """Sample ``n_views`` TTA views, deterministically given ``generator``.
 
@@ -150,16 +151,7 @@ def sample_views(
     included), ``n_views`` of them are kept by farthest-point sampling, and view 0 is forced to the unflipped
     identity. Views ``1..`` are flipped horizontally with probability ``flip_prob``. Returned tensors are on CPU.
     """
-    if not isinstance(n_views, int) or n_views < 1:
-        raise ValueError(f"n_views must be an int >= 1, got {n_views!r}")
-    if not isinstance(max_shift, int) or max_shift < 0:
-        raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
-    if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if not 0.0 <= flip_prob <= 1.0:
-        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-    if not isinstance(pool_factor, int) or pool_factor < 1:
-        raise ValueError(f"pool_factor must be an int >= 1, got {pool_factor!r}")
+    assert n_views >= 1 and max_shift >= 0 and pool_factor >= 1 and 0.0 <= flip_prob <= 1.0, "see TTAConfig"
 
     device = generator.device
     pool = torch.randint(
@@ -281,56 +273,31 @@ class TTADenoiser:
         features_fn: maps images (N, C, H, W) to dense features (N, H / patch_size, W / patch_size, D).
         patch_size: patch size of the backbone in pixels.
         fill: (C,) value of pixels shifted in from outside the image (white in the model normalisation).
-        n_views: number of views, including the identity view 0.
-        shift_frac: maximum shift as a fraction of the (shorter) side in patches.
-        flip_prob: probability of a horizontal flip for views 1...
-        pool_factor: the offset pool holds ``pool_factor * n_views`` candidates for farthest-point sampling.
+        tta: the views (:class:`TTAConfig`, validated where it was built).
         max_images_per_forward: at most this many images per ``features_fn`` call (memory budget).
     """
 
-    def __init__(
-        self,
-        features_fn: Callable[[Tensor], Tensor],
-        patch_size: int,
-        fill: Tensor,
-        n_views: int = 10,
-        shift_frac: float = 0.15,
-        flip_prob: float = 0.5,
-        pool_factor: int = 10,
-        max_images_per_forward: int = 64,
-    ) -> None:
-        if not callable(features_fn):
-            raise ValueError("features_fn must be callable")
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    def __init__(self, features_fn: Callable[[Tensor], Tensor], patch_size: int, fill: Tensor, tta: TTAConfig,
+                 max_images_per_forward: int = MAX_IMAGES_PER_FORWARD) -> None:
+        assert callable(features_fn) and patch_size >= 1 and isinstance(tta, TTAConfig)
+        assert tta.n_views >= 1 and tta.pool_factor >= 1 and 0.0 <= tta.flip_prob <= 1.0, tta
+        assert max_images_per_forward >= 1, "max_images_per_forward must be >= 1"
         if fill.ndim != 1:
             raise ValueError(f"fill must be a 1-D per-channel tensor, got shape {tuple(fill.shape)}")
-        if n_views < 1:
-            raise ValueError(f"n_views must be >= 1, got {n_views}")
-        if not 0.0 <= shift_frac <= 1.0:
-            raise ValueError(f"shift_frac must be in [0, 1], got {shift_frac}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        if pool_factor < 1:
-            raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
-        if max_images_per_forward < 1:
-            raise ValueError(f"max_images_per_forward must be >= 1, got {max_images_per_forward}")
         self.features_fn = features_fn
         self.patch_size = patch_size
         self.fill = fill
-        self.n_views = n_views
-        self.shift_frac = shift_frac
-        self.flip_prob = flip_prob
-        self.pool_factor = pool_factor
+        self.tta = tta
         self.max_images_per_forward = max_images_per_forward
 
     def sample(self, h: int, w: int, generators: Sequence[torch.Generator]) -> TTAViews:
         """Per-image views (B, n, ...) for a grid of ``h x w`` patches: image ``b`` draws its own ``n_views``
         (:func:`sample_views`) from ``generators[b]`` (the same generator object listed twice serves both images in
         turn)."""
-        shift = max_shift(min(h, w), self.shift_frac)
+        tta = self.tta
+        shift = max_shift(min(h, w), tta.shift_frac)
         return TTAViews.stack([
-            sample_views(self.n_views, shift, gen, flip_prob=self.flip_prob, pool_factor=self.pool_factor)
+            sample_views(tta.n_views, shift, gen, flip_prob=tta.flip_prob, pool_factor=tta.pool_factor)
             for gen in generators
         ])
 

@@ -1,19 +1,22 @@
-"""Dense ViT backbones (open_clip CLIP and timm ViTs) with post-hoc registers and training-free CLIP heads."""
+"""Dense ViT backbones (open_clip CLIP and timm ViTs) with post-hoc registers and training-free CLIP heads.
+
+``backbone`` (the config, the DenseViT base class with its registers and trainable groups, the trainable state
+dicts), ``open_clip`` and ``timm`` (the two families), ``factory`` (``build_backbone``: the family registry),
+``pos_embed`` (positional-embedding resizing), ``clip_heads`` (the CLIP dense heads), ``implant`` (planted artifacts).
+"""
 
 from ph_reg.models.backbone import (
     DEFAULT_TRAINABLE,
-    POS_EMBED_INTERP,
     BackboneConfig,
     DenseOutput,
     DenseViT,
     WeightsUnavailableError,
-    build_backbone,
-    clean_copy,
     load_trainable_state_dict,
-    resize_pos_embed,
     trainable_state_dict,
 )
 from ph_reg.models.clip_heads import CLIP_HEADS, NACLIP_SIGMA, naclip_omega
+from ph_reg.models.factory import build_backbone, clean_copy
+from ph_reg.models.pos_embed import POS_EMBED_INTERP, resize_pos_embed
 
 __all__ = [
     "CLIP_HEADS",

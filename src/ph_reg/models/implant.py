@@ -33,7 +33,7 @@ Mechanism, applied to the patch tokens only (CLS, native register tokens and pos
 
 The implant has no trainable parameters: its direction and field are non-persistent buffers derived from
 ``seed`` (they move with ``.to()``, survive pickling and never enter a state dict or the trainable set). The
-planted mask depends only on the input images and the patch size, so ``planted_mask(model, images)`` is the
+planted mask depends only on the input images and the patch size, so ``model.planted_mask(images)`` is the
 ground truth of any model that carries the implant (teacher and student alike).
 
 Where the artifacts are visible: the final LayerNorm (``ln_post`` / ``norm``) equalises token norms, and the CLIP
@@ -54,7 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ImplantConfig", "ArtifactImplant", "planted_mask", "patch_pixel_std", "position_field"]
+from ph_reg.config import from_mapping
+
+__all__ = ["ImplantConfig", "ArtifactImplant", "patch_pixel_std", "position_field"]
 
 NUM_FOURIER_FEATURES = 256  # random Fourier features of the position field
 
@@ -100,14 +102,9 @@ class ImplantConfig:
                 raise ValueError(f"implant.{key} must be >= 0, got {getattr(self, key)}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ImplantConfig:
-        if not isinstance(d, Mapping):
-            raise ValueError(f"implant must be a mapping of implant parameters or null, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown implant keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], section: str = "implant") -> ImplantConfig:
+        """The config of a mapping of implant parameters: :func:`ph_reg.config.from_mapping`."""
+        return from_mapping(cls, d, section)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,8 +217,3 @@ class ArtifactImplant(nn.Module):
         bias[:, patch_rows, patch_rows] = local * planted
         bias[:, patch_rows] *= (~mask.reshape(b, num_patches, 1)).float()  # planted tokens read normally
         return bias
-
-
-def planted_mask(model: nn.Module, images: Tensor) -> Tensor:
-    """The ground-truth artifact mask (B, h, w) bool of a model carrying an implant, for normalised images."""
-    return model.planted_mask(images)

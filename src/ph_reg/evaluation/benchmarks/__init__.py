@@ -9,15 +9,12 @@ from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseS
 from ph_reg.evaluation.benchmarks.classes import CLASS_NAMES
 from ph_reg.evaluation.benchmarks.readers import (
     ADE20K,
-    EIGEN_CROP,
     COCOObject,
     COCOStuff,
     Cityscapes,
     NYUv2Depth,
     PascalContext,
     VOCSegmentation,
-    apply_eigen_crop_mask,
-    eigen_crop_mask,
 )
 from ph_reg.evaluation.benchmarks.synthetic import Scene, SyntheticScenes, render_scene, sample_scene
 
@@ -78,18 +75,15 @@ __all__ = [
     "DATASETS",
     "DenseDataset",
     "DenseSample",
-    "EIGEN_CROP",
     "IGNORE_INDEX",
     "NYUv2Depth",
     "PascalContext",
     "Scene",
     "SyntheticScenes",
     "VOCSegmentation",
-    "apply_eigen_crop_mask",
     "build_dataset",
     "dataset_arguments",
     "dataset_keys",
-    "eigen_crop_mask",
     "render_scene",
     "sample_scene",
 ]

@@ -11,6 +11,7 @@ Every reader is a lazy ``DenseDataset``: ``__init__`` validates the folder and b
 - COCO-Stuff-164k ``*_labelTrainIds.png`` holds train ids 0..170; Cityscapes ``*_labelTrainIds.png`` 0..18.
 - NYUv2 depth PNGs are 16-bit millimetres; 0 is invalid.
 """
+# long: one small reader per benchmark family (VOC, Context, COCO, ADE20K, Cityscapes, NYUv2) sharing the PNG helpers
 
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ from torch import Tensor
 from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset, DenseSample
 from ph_reg.evaluation.benchmarks.classes import CITYSCAPES_ID_TO_TRAIN_ID, CLASS_NAMES, COCO_NUM_THINGS
 
-#: Eigen et al. evaluation crop of NYUv2 (top, bottom, left, right) in 480x640 images, as in BTS/AdaBins/DINOv2.
-EIGEN_CROP = (45, 471, 41, 601)
-#: The image size ``EIGEN_CROP`` is defined for (height, width).
-NYU_IMAGE_SIZE = (480, 640)
 #: NYUv2 depth PNGs store millimetres.
 NYU_DEPTH_SCALE = 1000.0
 
@@ -377,28 +374,6 @@ class Cityscapes(_SegmentationFiles):
 # ----------------------------------------------------------------------------------------------------------------
 # Depth
 # ----------------------------------------------------------------------------------------------------------------
-def eigen_crop_mask(height: int, width: int, crop: Sequence[int] = EIGEN_CROP,
-                    reference_size: Sequence[int] = NYU_IMAGE_SIZE) -> Tensor:
-    """Boolean (height, width) mask of the Eigen crop, scaled from ``reference_size`` if the size differs."""
-    top, bottom, left, right = crop
-    ref_h, ref_w = reference_size
-    rows = torch.arange(height, dtype=torch.float64).add_(0.5).mul_(ref_h / height)
-    cols = torch.arange(width, dtype=torch.float64).add_(0.5).mul_(ref_w / width)
-    return ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None, :]
-
-
-def apply_eigen_crop_mask(depth: Tensor, crop: Sequence[int] = EIGEN_CROP,
-                          reference_size: Sequence[int] = NYU_IMAGE_SIZE) -> Tensor:
-    """The evaluation mask of a (..., H, W) ground-truth depth: valid (> 0) pixels inside the Eigen crop.
-
-    The crop is given for 480x640 images and scaled proportionally for other sizes.
-    """
-    if depth.dim() < 2:
-        raise ValueError(f"depth must have shape (..., H, W), got {tuple(depth.shape)}")
-    mask = eigen_crop_mask(depth.shape[-2], depth.shape[-1], crop, reference_size).to(depth.device)
-    return (depth > 0) & mask
-
-
 class NYUv2Depth(DenseDataset):
     """NYU Depth v2 with the Eigen split files of BTS/AdaBins/DINOv2 (no segmentation labels).
 

@@ -9,6 +9,7 @@ linear probe on good patch features can separate the classes and regress depth.
 Everything is deterministic: ``SyntheticScenes`` draws scene ``i`` of a split from ``derive_seed(seed, split, i)``.
 ``render_scene`` renders any hand-written ``Scene`` (used by the tests to check occlusion).
 """
+# long: one cohesive scene generator (room geometry, objects, depth and labels drawn together); no clean seam
 
 from __future__ import annotations
 

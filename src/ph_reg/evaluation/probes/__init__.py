@@ -14,21 +14,19 @@ from ph_reg.evaluation.probes.cache import (
     iter_train_batches,
     iter_val_images,
     resized_size,
-    sliding_windows,
     store_kind,
 )
+from ph_reg.evaluation.windows import window_boxes
 from ph_reg.evaluation.probes.depth import (
     BestProbeTracker,
     DepthProbeConfig,
     LinearDepthProbe,
     eigen_crop_mask,
     evaluate_depth_probe,
-    gradient_loss,
     predict_depth,
-    sig_loss,
-    toolbox_gradient_loss,
     train_depth_probe,
 )
+from ph_reg.evaluation.probes.depth_recipe import gradient_loss, sig_loss, toolbox_gradient_loss
 from ph_reg.evaluation.probes.metrics import DepthMetrics, SegmentationMetrics, segmentation_metrics
 from ph_reg.evaluation.probes.online import (
     PROBE_MODES,
@@ -78,10 +76,10 @@ __all__ = [
     "resized_size",
     "segmentation_metrics",
     "sig_loss",
-    "sliding_windows",
     "stitch_windows",
     "store_kind",
     "toolbox_gradient_loss",
     "train_depth_probe",
     "train_segmentation_probe",
+    "window_boxes",
 ]

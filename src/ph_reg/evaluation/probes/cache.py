@@ -2,7 +2,7 @@
 
 The backbone runs once per image (``torch.no_grad``, at the evaluation precision ``precision``: fp32, bf16, fp16
 or auto = bf16 on CUDA / fp32 on the CPU); its patch tokens and CLS token
-are stored in a shard store (:mod:`ph_reg.io`) and the probes train and evaluate from the store alone.
+are stored in a shard store (:mod:`ph_reg.io.shards`) and the probes train and evaluate from the store alone.
 
 Two kinds of store, chosen by ``split_kind``:
 
@@ -21,8 +21,8 @@ Two kinds of store, chosen by ``split_kind``:
     (its prediction must be flipped back before use). Meta: ``name``, ``index``, ``resized`` = [H, W].
     With ``stride=None`` the val store holds **whole images** (the depth toolbox's ``test_cfg=dict(mode="whole")``):
     the image at its original size (or resized to ``short_side`` when given), normalised, centre-padded with zeros to
-    a multiple of the patch size (:func:`center_pad`, the toolbox's ``CenterPadding``: 480x640 -> 490x644 at patch
-    14) and run once (and once flipped with ``flip=True``); ``patch`` (1, h, w, C) covers the padded image and
+    a multiple of the patch size (:func:`ph_reg.evaluation.features.center_pad`, the toolbox's ``CenterPadding``:
+    480x640 -> 490x644 at patch 14) and run once (and once flipped with ``flip=True``); ``patch`` (1, h, w, C) covers the padded image and
     ``boxes`` = [[0, 0, H, W]], so a prediction resized to the box maps the padded grid onto the image as a whole,
     as the toolbox does. ``crop_size`` then only has to be a valid crop size of the model.
 
@@ -37,6 +37,7 @@ the real features of the flipped windows, computed by the backbone when the val 
 
 Labels are stored as uint8 (class ids 0..254, 255 = ignore) and returned as int64 by the readers.
 """
+# long: one store format end to end (crop geometry, the three record writers, the readers) kept in one place
 
 from __future__ import annotations
 
@@ -47,11 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ph_reg.io import RecordStream, ShardReader
-from ph_reg.runtime import DEFAULT_PRECISION, autocast, check_precision, generator, normalize
+from ph_reg.io.shards import RecordStream, ShardReader
+from ph_reg.evaluation.features import backbone_features
+from ph_reg.evaluation.windows import window_boxes
+from ph_reg.runtime import DEFAULT_PRECISION, DTYPES, check_precision, generator
 
 SPLIT_KINDS = ("train", "val")
-FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: The ``feature_dtype`` names a probe store accepts (dtypes: :data:`ph_reg.runtime.DTYPES`).
+FEATURE_DTYPES = ("float16", "float32")
 TRAIN_CROPS = ("random", "center")
 RECORDS_PER_SHARD = 64
 LABEL_STORAGE_DTYPE = torch.uint8
@@ -85,24 +89,6 @@ def resize_dense(target: Tensor, size: tuple[int, int]) -> Tensor:
     return out.to(target.dtype)
 
 
-def sliding_windows(height: int, width: int, crop_size: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """Square windows (top, left, bottom, right) covering an image at least ``crop_size`` on each side.
-
-    Windows start every ``stride`` pixels; the last one of a row/column is shifted back so it ends at the image
-    border (mmsegmentation's ``slide`` rule), so every pixel is covered.
-    """
-    if crop_size <= 0 or stride <= 0 or stride > crop_size:
-        raise ValueError(f"need 0 < stride <= crop_size, got stride={stride}, crop_size={crop_size}")
-    if height < crop_size or width < crop_size:
-        raise ValueError(f"image {height}x{width} is smaller than the crop {crop_size}")
-
-    def starts(size: int) -> list[int]:
-        count = (size - crop_size + stride - 1) // stride + 1
-        return sorted({min(i * stride, size - crop_size) for i in range(count)})
-
-    return [(y, x, y + crop_size, x + crop_size) for y in starts(height) for x in starts(width)]
-
-
 def crop_box(height: int, width: int, crop_size: int, mode: str, gen: torch.Generator | None = None
              ) -> tuple[int, int, int, int]:
     """One square crop (top, left, bottom, right): uniformly random (``"random"``, needs ``gen``) or centred."""
@@ -117,46 +103,6 @@ def crop_box(height: int, width: int, crop_size: int, mode: str, gen: torch.Gene
 
 
 # --- writing --------------------------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def center_pad(images: Tensor, multiple: int) -> Tensor:
-    """Zero-pad (B, C, H, W) to the next multiple of ``multiple`` on each side, split evenly with the extra pixel at
-    the bottom/right (the DINOv2 depth toolbox's ``CenterPadding``, applied to normalised images)."""
-    pads = []
-    for size in (images.shape[-1], images.shape[-2]):
-        extra = -size % multiple
-        pads += [extra // 2, extra - extra // 2]
-    return F.pad(images, pads) if any(pads) else images
-
-
-@torch.no_grad()
-def backbone_features(model: nn.Module, crops: Tensor, pad_to_patch: bool = False,
-                      precision: str = DEFAULT_PRECISION) -> tuple[Tensor, Tensor]:
-    """Backbone features of float (B, 3, H, W) crops in [0, 255], on the model's device: float32 (B, h, w, C) and
-    (B, C). ``pad_to_patch`` centre-pads the normalised images to a multiple of the patch size (:func:`center_pad`).
-    The forward runs at ``precision`` (``evaluation.precision``: :func:`ph_reg.runtime.autocast`)."""
-    device = _model_device(model)
-    images = normalize(crops.to(device) / 255.0, model.mean, model.std)
-    if pad_to_patch:
-        images = center_pad(images, model.patch_size)
-    with autocast(device, precision):
-        out = model(images)
-    return out.patch.float(), out.cls.float()
-
-
-def _features(model: nn.Module, crops: Tensor, dtype: torch.dtype, precision: str = DEFAULT_PRECISION
-              ) -> tuple[Tensor, Tensor]:
-    """Backbone features of float (B, 3, S, S) crops in [0, 255]: CPU (B, h, w, C) and (B, C) in ``dtype``."""
-    patch, cls = backbone_features(model, crops, precision=precision)
-    return patch.to("cpu", dtype), cls.to("cpu", dtype)
-
-
 def _stored_label(label: Tensor, name: str) -> Tensor:
     if label.ndim != 2:
         raise ValueError(f"sample {name!r}: label must be (H, W), got shape {tuple(label.shape)}")
@@ -205,7 +151,7 @@ def feature_records(model: nn.Module, dataset: Sequence, crop_size: int, stride:
                     split_kind: str = "val", batch_size: int = 8, seed: int = 0, *, short_side: int | None = None,
                     feature_dtype: str = "float16", train_crop: str = "random", flip: bool = False,
                     precision: str = DEFAULT_PRECISION) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
-    """Stream ``(tensors, meta)`` records of frozen features for ``ph_reg.io.write_shards`` (see module doc).
+    """Stream ``(tensors, meta)`` records of frozen features for ``ph_reg.io.shards.write_shards`` (see module doc).
 
     ``model`` is a :class:`ph_reg.models.DenseViT` (or anything with ``patch_size``, ``mean``, ``std`` and a
     forward returning ``.patch`` (B, h, w, C) / ``.cls`` (B, C)); it runs on its own device, in eval mode.
@@ -222,7 +168,7 @@ def feature_records(model: nn.Module, dataset: Sequence, crop_size: int, stride:
         raise ValueError("flip=True is only meaningful for split_kind='val' (flip TTA at evaluation)")
     if len(dataset) == 0:
         raise ValueError("dataset is empty: nothing to cache")
-    dtype = FEATURE_DTYPES[feature_dtype]
+    dtype = DTYPES[feature_dtype]
     if split_kind == "train":
         records = _train_records(model, dataset, crop_size, batch_size, seed, short_side, dtype, train_crop,
                                  precision)
@@ -250,7 +196,8 @@ def _train_records(model: nn.Module, dataset: Sequence, crop_size: int, batch_si
     has_label = has_depth = None
 
     def flush() -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
-        patch, cls = _features(model, torch.stack([crop for crop, _, _ in pending]), dtype, precision)
+        patch, cls = backbone_features(model, torch.stack([crop for crop, _, _ in pending]), precision=precision,
+                                       dtype=dtype)
         for i, (_, tensors, meta) in enumerate(pending):
             yield {"patch": patch[i].clone(), "cls": cls[i].clone(), **tensors}, meta
         pending.clear()
@@ -283,16 +230,16 @@ def _val_records(model: nn.Module, dataset: Sequence, crop_size: int, stride: in
         has_label, has_depth = _check_sample(sample, index, has_label, has_depth)
         size = resized_size(*sample.image.shape[-2:], short_side)
         image = resize_image(sample.image, size)
-        boxes = sliding_windows(*size, crop_size, stride)
+        boxes = window_boxes(*size, crop_size, stride)
         crops = torch.stack([image[:, t:b, l:r] for t, l, b, r in boxes])
         outputs: dict[str, list[Tensor]] = {"patch": [], "cls": [], "patch_flip": [], "cls_flip": []}
         for start in range(0, len(crops), batch_size):
             chunk = crops[start:start + batch_size]
-            patch, cls = _features(model, chunk, dtype, precision)
+            patch, cls = backbone_features(model, chunk, precision=precision, dtype=dtype)
             outputs["patch"].append(patch)
             outputs["cls"].append(cls)
             if flip:
-                patch, cls = _features(model, chunk.flip(-1), dtype, precision)
+                patch, cls = backbone_features(model, chunk.flip(-1), precision=precision, dtype=dtype)
                 outputs["patch_flip"].append(patch)
                 outputs["cls_flip"].append(cls)
         tensors = {key: torch.cat(parts) for key, parts in outputs.items() if parts}
@@ -320,8 +267,7 @@ def _whole_image_records(model: nn.Module, dataset: Sequence, short_side: int | 
         size = (height, width) if short_side is None else resized_size(height, width, short_side)
         image = resize_image(sample.image, size)
         views = torch.stack([image, image.flip(-1)]) if flip else image[None]
-        patch, cls = backbone_features(model, views, pad_to_patch=True, precision=precision)
-        patch, cls = patch.to("cpu", dtype), cls.to("cpu", dtype)
+        patch, cls = backbone_features(model, views, pad_to_patch=True, precision=precision, dtype=dtype)
         tensors = {"patch": patch[:1].clone(), "cls": cls[:1].clone(),
                    "boxes": torch.tensor([[0, 0, size[0], size[1]]], dtype=torch.int64)}
         if flip:
@@ -355,7 +301,7 @@ def feature_stream(model: nn.Module, dataset: Sequence, crop_size: int, stride: 
                    split_kind: str = "val", batch_size: int = 8, seed: int = 0, *, short_side: int | None = None,
                    feature_dtype: str = "float16", train_crop: str = "random", flip: bool = False,
                    records_per_shard: int = RECORDS_PER_SHARD, precision: str = DEFAULT_PRECISION) -> RecordStream:
-    """:func:`feature_records` with its attributes (:func:`cache_attrs`) as a :class:`ph_reg.io.RecordStream`."""
+    """:func:`feature_records` with its attributes (:func:`cache_attrs`) as a :class:`ph_reg.io.shards.RecordStream`."""
     records = feature_records(model, dataset, crop_size, stride, split_kind, batch_size, seed,
                               short_side=short_side, feature_dtype=feature_dtype, train_crop=train_crop, flip=flip,
                               precision=precision)
@@ -392,7 +338,7 @@ def store_kind(store: ShardReader) -> str:
 def check_store(store: ShardReader, kind: str, required: Sequence[str] = ()) -> None:
     """Raise ValueError unless ``store`` is a ``kind`` feature cache with the ``required`` keys."""
     if not isinstance(store, ShardReader):
-        raise ValueError(f"expected a ph_reg.io.ShardReader feature cache, got {type(store).__name__}")
+        raise ValueError(f"expected a ph_reg.io.shards.ShardReader feature cache, got {type(store).__name__}")
     actual = store_kind(store)
     if actual != kind:
         raise ValueError(f"{store.folder} is a {actual!r} feature cache, expected a {kind!r} one")
@@ -456,7 +402,7 @@ class BatchSource(Protocol):
     ``batches`` is an endless iterator of dicts with the requested ``keys`` among ``"patch"`` (B, h, w, C) float,
     ``"cls"`` (B, C) float, ``"label"`` (B, H, W) int64 and ``"depth"`` (B, H, W) float; the tensors may be on the
     backbone's device (online mode) or on the CPU (cached mode). ``attrs`` describes the data (e.g.
-    ``num_classes``, like :attr:`ph_reg.io.ShardReader.attrs`).
+    ``num_classes``, like :attr:`ph_reg.io.shards.ShardReader.attrs`).
     """
 
     embed_dim: int
@@ -486,5 +432,5 @@ def as_batch_source(train: ShardReader | BatchSource) -> BatchSource:
         return CachedBatchSource(train)
     if isinstance(train, BatchSource):
         return train
-    raise ValueError(f"expected a train feature cache (ph_reg.io.ShardReader) or a BatchSource (embed_dim, attrs, "
+    raise ValueError(f"expected a train feature cache (ph_reg.io.shards.ShardReader) or a BatchSource (embed_dim, attrs, "
                      f"batches), got {type(train).__name__}")

@@ -1,4 +1,4 @@
-"""Linear-probe monocular depth on frozen tokens (method.md section 6, NYUv2 protocol of the DINOv2 depth toolbox).
+"""Linear-probe monocular depth on frozen tokens (docs/method.md section 6, NYUv2 protocol of the DINOv2 depth toolbox).
 
 Every default below is the official PH-Reg setting, from ``0raiser0/PH-Reg``
 ``DINOv2_full/evaluation/depth/evaluation/configs/vitb_nyu_linear_config.py`` ("the NYU config"), its head
@@ -71,23 +71,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ph_reg.io import ShardReader
-from ph_reg.runtime import derive_seed, generator, resolve_device
+from ph_reg.io.shards import ShardReader
+from ph_reg.config import from_mapping
+from ph_reg.runtime import derive_seed, generator, module_device, resolve_device
 
 from ph_reg.evaluation.probes.cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
+from ph_reg.evaluation.probes.depth_recipe import depth_loss, one_cycle_beta1, warmup_cosine_lambda
+from ph_reg.evaluation.probes.fit import fit_probe
 from ph_reg.evaluation.probes.metrics import MAX_DEPTH, MIN_DEPTH, DepthMetrics
-from ph_reg.evaluation.probes.segmentation import PERCENT, UPSAMPLE_MODE, _check_positive, config_from_dict, stitch_windows
+from ph_reg.evaluation.probes.segmentation import PERCENT, PROBE_SECTION, UPSAMPLE_MODE, _check_positive, stitch_windows
 
 BIN_NORMS = ("linear", "softmax")
 LINEAR_NORM_EPS = 0.1  # decode_head.depth_pred, norm_strategy "linear": relu(logit) + 0.1
-LOSS_EPS = 1e-3  # SigLoss / GradientLoss: log(x + 0.001) "avoid grad explode"
-SIGLOSS_MIN = 1e-12  # floor under the square root of SigLoss (gradient-safe at a perfect fit)
 GRADIENT_LOSSES = ("toolbox", "per_image")
-GRADIENT_STEP = 2  # GradientLoss: finite differences x[0:-2] - x[2:]
-TOOLBOX_GRADIENT_STRIDES = (1, 2, 4, 6)  # GradientLoss: [x] + [x[::2 * i, ::2 * i] for i in range(1, 4)]
 BETA1_SCHEDULES = ("one_cycle", "constant")
-ONE_CYCLE_BETA1 = (0.85, 0.95)  # mmcv OneCycleMomentumUpdaterHook defaults: base_momentum, max_momentum
-ONE_CYCLE_PCT_START = 0.3  # mmcv OneCycleMomentumUpdaterHook default
 EIGEN_CROP = (45, 471, 41, 601)  # top, bottom, left, right of the Eigen crop on 480x640 NYUv2
 NYU_SIZE = (480, 640)
 SELECTION_RULES = ("less", "greater")
@@ -154,10 +151,6 @@ class DepthProbeConfig:
         if any(s < 1 for s in self.gradient_scales):
             raise ValueError(f"gradient_scales must be positive ints, got {self.gradient_scales}")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> DepthProbeConfig:
-        return config_from_dict(cls, data)
-
 
 class LinearDepthProbe(nn.Module):
     """[patch, CLS] -> (optional BatchNorm) -> 1x1 conv to depth-bin logits -> bin weights . bin centres."""
@@ -209,119 +202,6 @@ def bin_weights(logits: Tensor, bin_norm: str = "linear") -> Tensor:
         weights = logits.relu() + LINEAR_NORM_EPS
         return weights / weights.sum(dim=1, keepdim=True)
     raise ValueError(f"bin_norm must be one of {BIN_NORMS}, got {bin_norm!r}")
-
-
-# --- losses ---------------------------------------------------------------------------------------------------
-def loss_valid_mask(target: Tensor, max_depth: float = MAX_DEPTH) -> Tensor:
-    """The toolbox losses' mask (``valid_mask=True`` with ``max_depth``): ``0 < target <= max_depth``."""
-    return (target > 0) & (target <= max_depth)
-
-
-def sig_loss(pred: Tensor, target: Tensor, valid: Tensor, variance_focus: float = 0.85, warmup: bool = False,
-             eps: float = LOSS_EPS) -> Tensor:
-    """The toolbox's SigLoss on the ``valid`` pixels: ``g = log(pred + eps) - log(target + eps)``,
-    ``sqrt(var(g) + (1 - lambda) mean(g)^2)`` with the unbiased variance; ``warmup``: ``sqrt((1 - lambda) mean(g)^2)``.
-    (A single valid pixel has no unbiased variance; it counts as 0 there, where the toolbox would return NaN.)"""
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
-    g = (pred[valid] + eps).log() - (target[valid] + eps).log()
-    d = (1 - variance_focus) * g.mean() ** 2
-    if not warmup and g.numel() > 1:
-        d = d + g.var()
-    return d.clamp_min(SIGLOSS_MIN).sqrt()
-
-
-def toolbox_gradient_loss(pred: Tensor, target: Tensor, max_depth: float = MAX_DEPTH, eps: float = LOSS_EPS) -> Tensor:
-    """The toolbox's GradientLoss applied, as ``decode_head.losses`` applies it, to (B, 1, H, W) tensors.
-
-    Its sub-sampling ``x[::2i, ::2i]`` and finite differences ``x[0:-2] - x[2:]``, ``x[:, 0:-2] - x[:, 2:]`` then act
-    on the batch and channel axes: the channel term is always empty and, with at most 2 images, the batch term too,
-    so the loss is exactly 0 (the official 2 images per GPU). With more images it compares whole images two apart.
-    A scale without valid pixels is skipped (the toolbox would divide 0 by 0).
-    """
-    if pred.ndim != 4 or pred.shape != target.shape or pred.shape[1] != 1:
-        raise ValueError(f"expected pred and target of shape (B, 1, H, W), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    total = pred.sum() * 0.0
-    for stride in TOOLBOX_GRADIENT_STRIDES:
-        x, t = pred[::stride, ::stride], target[::stride, ::stride]
-        mask = loss_valid_mask(t, max_depth).to(x.dtype)
-        count = mask.sum()
-        if count == 0:
-            continue
-        diff = ((x + eps).log() - (t + eps).log()) * mask
-        first = (diff[:-GRADIENT_STEP] - diff[GRADIENT_STEP:]).abs() * mask[:-GRADIENT_STEP] * mask[GRADIENT_STEP:]
-        second = ((diff[:, :-GRADIENT_STEP] - diff[:, GRADIENT_STEP:]).abs()
-                  * mask[:, :-GRADIENT_STEP] * mask[:, GRADIENT_STEP:])
-        total = total + (first.sum() + second.sum()) / count
-    return total
-
-
-def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor, scales: tuple[int, ...] = (1, 2, 4, 6),
-                  step: int = GRADIENT_STEP, eps: float = LOSS_EPS) -> Tensor:
-    """Multi-scale gradient matching (MegaDepth) as intended, on each (H, W) map of a (B, H, W) batch: with
-    ``R = log(pred + eps) - log(gt + eps)`` on valid pixels (0 elsewhere), per scale ``s`` on the ``s``-subsampled
-    maps ``sum(|R[y, x] - R[y + 2, x]| m m' + |R[y, x] - R[y, x + 2]| m m') / n_valid(s)``, summed over the scales
-    (``m m'``: both pixels valid). The default scales (1, 2, 4, 6) are the toolbox's ``[x] + x[::2i] (i = 1..3)``."""
-    residual = torch.where(valid, (pred + eps).log() - (target + eps).log(), torch.zeros_like(pred))
-    total = pred.sum() * 0.0
-    for s in scales:
-        r, m = residual[:, ::s, ::s], valid[:, ::s, ::s].to(residual.dtype)
-        count = m.sum()
-        if count == 0:
-            continue
-        vertical = (r[:, :-step] - r[:, step:]).abs() * m[:, :-step] * m[:, step:]
-        horizontal = (r[:, :, :-step] - r[:, :, step:]).abs() * m[:, :, :-step] * m[:, :, step:]
-        total = total + (vertical.sum() + horizontal.sum()) / count
-    return total
-
-
-def depth_loss(pred: Tensor, target: Tensor, config: DepthProbeConfig, iteration: int) -> Tensor:
-    """SigLoss + ``gradient_loss_weight`` x gradient loss of a (B, H, W) batch, computed per group of
-    ``loss_group_size`` images and averaged over the groups (the official per-GPU losses, averaged by DDP)."""
-    group = config.loss_group_size or pred.shape[0]
-    warmup = iteration < config.sigloss_warmup_iters
-    losses = []
-    for p, t in zip(pred.split(group), target.split(group), strict=True):
-        valid = loss_valid_mask(t, config.max_depth)
-        loss = sig_loss(p, t, valid, config.variance_focus, warmup=warmup)
-        if config.gradient_loss_weight:
-            if config.gradient_loss == "toolbox":
-                grad = toolbox_gradient_loss(p[:, None], t[:, None], config.max_depth)
-            else:
-                grad = gradient_loss(p, t, valid, config.gradient_scales)
-            loss = loss + config.gradient_loss_weight * grad
-        losses.append(loss)
-    return torch.stack(losses).mean()
-
-
-# --- schedules ------------------------------------------------------------------------------------------------
-def annealing_cos(start: float, end: float, factor: float) -> float:
-    """Cosine from ``start`` (factor 0) to ``end`` (factor 1), as mmcv's ``annealing_cos``."""
-    return end + 0.5 * (start - end) * (math.cos(math.pi * factor) + 1)
-
-
-def warmup_cosine_lambda(iterations: int, warmup_iters: int, warmup_ratio: float, min_lr_ratio: float
-                         ) -> Callable[[int], float]:
-    """LR factor at iteration ``t`` (0-based) of mmcv's ``CosineAnnealingLrUpdaterHook`` by iteration with linear
-    warm-up: ``c(t) = annealing_cos(1, min_lr_ratio, t / iterations)`` times, while ``t < warmup_iters``,
-    ``1 - (1 - t / warmup_iters) (1 - warmup_ratio)``. The cosine spans all iterations, warm-up included."""
-    def factor(t: int) -> float:
-        regular = annealing_cos(1.0, min_lr_ratio, t / iterations)
-        if t < warmup_iters:
-            regular *= 1 - (1 - t / warmup_iters) * (1 - warmup_ratio)
-        return regular
-    return factor
-
-
-def one_cycle_beta1(t: int, iterations: int, low: float = ONE_CYCLE_BETA1[0], high: float = ONE_CYCLE_BETA1[1],
-                    pct_start: float = ONE_CYCLE_PCT_START) -> float:
-    """Adam's beta1 at iteration ``t`` under mmcv's ``OneCycleMomentumUpdaterHook`` (two phases, cosine): from
-    ``high`` at 0 to ``low`` at ``e = pct_start * iterations - 1``, then back to ``high`` at ``iterations - 1``."""
-    end_first = pct_start * iterations - 1
-    if t <= end_first:
-        return annealing_cos(high, low, t / end_first) if end_first > 0 else low
-    return annealing_cos(low, high, (t - end_first) / (iterations - 1 - end_first))
 
 
 # --- training -------------------------------------------------------------------------------------------------
@@ -389,7 +269,7 @@ def train_depth_probe(train: ShardReader | BatchSource, config: DepthProbeConfig
     ``config.eval_interval`` is set, is called as ``on_eval(t, probe)`` after iterations ``t = k * eval_interval``
     (mmcv's ``EvalHook`` by iteration; the probe's mode is restored by the evaluation).
     """
-    config = DepthProbeConfig.from_dict(config)
+    config = from_mapping(DepthProbeConfig, config, PROBE_SECTION)
     source = as_batch_source(train)
     device = resolve_device(config.device)
     with torch.random.fork_rng(devices=[]):
@@ -401,28 +281,25 @@ def train_depth_probe(train: ShardReader | BatchSource, config: DepthProbeConfig
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_lambda(
         config.iterations, config.warmup_iters, config.warmup_ratio, config.min_lr_ratio))
     batches = source.batches(config.batch_size, generator(seed, "depth_probe_batches"), ("patch", "cls", "depth"))
-    probe.train()
-    losses = []
-    for it in range(config.iterations):
+
+    def loss_at(it: int) -> Tensor:
         if config.beta1_schedule == "one_cycle":
             for group in optimizer.param_groups:
                 group["betas"] = (one_cycle_beta1(it, config.iterations), group["betas"][1])
         batch = next(batches)
         target = batch["depth"].to(device)
         pred = probe(batch["patch"].to(device), batch["cls"].to(device), size=target.shape[-2:])
-        loss = depth_loss(pred, target, config, it)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip_norm is not None:
-            clip_gradients(probe.parameters(), config.grad_clip_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.detach())
+        return depth_loss(pred, target, config, it)
+
+    def clip() -> None:
+        clip_gradients(probe.parameters(), config.grad_clip_norm)
+
+    def evaluate(it: int) -> None:
         if on_eval is not None and config.eval_interval and (it + 1) % config.eval_interval == 0:
             on_eval(it + 1, probe)
-    if history is not None and losses:
-        history.extend(torch.stack(losses).float().cpu().tolist())  # one device sync, after training
-    return probe.eval()
+
+    return fit_probe(probe, optimizer, schedule, config.iterations, loss_at, history,
+                     before_step=clip if config.grad_clip_norm is not None else None, after_iteration=evaluate)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
@@ -446,7 +323,7 @@ def predict_depth(probe: LinearDepthProbe, image: CachedImage, flip_tta: bool = 
     inference: the padded grid's prediction resized to the image as a whole. ``flip_tta`` averages with the
     prediction from the features of the flipped window, flipped back.
     """
-    device = next(probe.parameters()).device
+    device = module_device(probe)
     top, left, bottom, right = image.boxes[0].tolist()
     window = (bottom - top, right - left)
     depth = probe(image.patch.to(device), image.cls.to(device), size=window)
@@ -481,7 +358,7 @@ def evaluate_depth_probe(probe: LinearDepthProbe, val_store: ShardReader,
     elif flip_tta and not has_flip:
         raise ValueError(f"flip_tta=True needs a val cache built with flip=True; {val_store.folder} has no "
                          "'patch_flip' features")
-    device = next(probe.parameters()).device
+    device = module_device(probe)
     metrics = DepthMetrics(per_image=per_image, min_depth=min_depth, max_depth=max_depth).to(device)
     was_training = probe.training
     probe.eval()
@@ -509,7 +386,7 @@ def depth_probe_scores(train: ShardReader | BatchSource, val_store: ShardReader,
     ``config.eval_interval`` is set, the official number: the metrics of the probe with the lowest ``AbsRel`` among
     the evaluations every ``eval_interval`` iterations (``<metric>_best_on_test``; the selection uses the test set,
     as the toolbox's ``save_best`` did) and its iteration (``iteration_best_on_test``)."""
-    config = DepthProbeConfig.from_dict(config)
+    config = from_mapping(DepthProbeConfig, config, PROBE_SECTION)
 
     def evaluate(probe: nn.Module) -> dict[str, float]:
         return evaluate_depth_probe(probe, val_store, mask_fn=mask_fn, flip_tta=flip_tta,

@@ -1,8 +1,8 @@
 """Dense-task metrics: mIoU / mAcc (as mmsegmentation) and monocular-depth metrics.
 
 Segmentation (``segmentation_metrics``): mmsegmentation's ``IoUMetric``, accumulated as one confusion matrix over
-the whole val set (``dist_reduce_fx="sum"``), checked against hand-computed matrices in ``tests/test_probe_metrics.py``
-and ``tests/test_repro_probes.py``:
+the whole val set (``dist_reduce_fx="sum"``), checked against hand-computed matrices in ``tests/unit/evaluation/test_probe_metrics.py``
+and ``tests/unit/evaluation/test_repro_probes.py``:
 
 - pixels whose target is ``ignore_index`` are dropped before counting, whatever their prediction;
 - mIoU = ``nanmean(intersection / union)``: a class absent from both prediction and target (union 0) is left out;
@@ -27,7 +27,6 @@ from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
 MIN_DEPTH = 1e-3
 MAX_DEPTH = 10.0
 DELTA_BASE = 1.25
-DEPTH_METRIC_NAMES = ("RMSE", "AbsRel", "delta1", "delta2", "delta3")
 
 
 class SegmentationMetrics(Metric):

@@ -4,8 +4,8 @@ The official linear probes (PH-Reg release, ``DINOv2_full/evaluation``) never se
 iteration loads images, augments them and runs the frozen backbone again. :class:`OnlineBatchSource` does the same
 as a :class:`~.cache.BatchSource`: it reads a batch of samples from the dataset (optionally in ``DataLoader``
 workers), augments them with tensor operations on the backbone's device and runs the backbone under
-``torch.no_grad`` in the evaluation precision (:func:`~.cache.backbone_features`). The val side stays on the val
-feature cache (its features do not depend on augmentation).
+``torch.no_grad`` in the evaluation precision (:func:`ph_reg.evaluation.features.backbone_features`). The val side
+stays on the val feature cache (its features do not depend on augmentation).
 
 Segmentation (:class:`SegmentationAugmentation`, the mmsegmentation 1.x pipeline of
 ``DINOv2_full/evaluation/segmentation/fine-tune/configs/{voc21,ade20k}_cfg.py``):
@@ -43,6 +43,7 @@ Randomness: every draw comes from one CPU generator seeded from the ``gen`` that
 device; only the pixel operations run on the backbone's device. The draws follow each transform's distribution,
 not mmseg's exact numpy call sequence (a candidate crop list of 11 is drawn up front, for example).
 """
+# long: the two official augmentation recipes (mmseg and the depth toolbox) and the batch source that runs them
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ from torch.utils.data import DataLoader
 from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
 from ph_reg.runtime import DEFAULT_PRECISION
 
-from ph_reg.evaluation.probes.cache import _in_eval_mode, _model_device, backbone_features
+from ph_reg.evaluation.features import backbone_features, forward_device
+from ph_reg.evaluation.probes.cache import _in_eval_mode
 
 PROBE_MODES = ("cached", "online")
 BATCH_KEYS = ("patch", "cls", "label", "depth")
@@ -484,7 +486,7 @@ class OnlineBatchSource:
 
     def _batches(self, batch_size: int, gen: torch.Generator, aug_gen: torch.Generator, keys: tuple[str, ...]
                  ) -> Iterator[dict[str, Tensor]]:
-        device = _model_device(self.model)
+        device = forward_device(self.model)
         for samples in self._sample_batches(batch_size, gen):
             if self.task == "segmentation":
                 images, target = augment_segmentation(samples, self.augmentation, aug_gen, device)

@@ -1,4 +1,4 @@
-"""Linear-probe semantic segmentation on frozen patch tokens (method.md section 6).
+"""Linear-probe semantic segmentation on frozen patch tokens (docs/method.md section 6).
 
 Head: ``BatchNorm2d(C) -> Conv2d(C, K, 1)`` on the (C, h, w) patch grid; logits are upsampled bilinearly
 (``align_corners=False``) to the label size. Loss: cross-entropy, ``ignore_index=255``, summed over the non-ignored
@@ -16,7 +16,6 @@ accumulated over the whole val set (one confusion matrix, see :mod:`.metrics`) a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX
-from ph_reg.io import ShardReader
-from ph_reg.runtime import derive_seed, generator, resolve_device
+from ph_reg.io.shards import ShardReader
+from ph_reg.config import from_mapping
+from ph_reg.runtime import derive_seed, generator, module_device, resolve_device
 
 from ph_reg.evaluation.probes.cache import BatchSource, CachedImage, as_batch_source, check_store, iter_val_images
+from ph_reg.evaluation.probes.fit import fit_probe
 from ph_reg.evaluation.probes.metrics import segmentation_metrics
 
 HEAD_INIT_STD = 0.01  # mmsegmentation's conv_seg initialisation
@@ -37,17 +38,9 @@ UPSAMPLE_MODE = "bilinear"
 PERCENT = 100.0
 
 
-def config_from_dict(cls: type, data: Mapping[str, Any] | None):
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a clear error."""
-    if data is None:
-        return cls()
-    if isinstance(data, cls):
-        return data
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
-    return cls(**data)
+#: The config section a probe recipe given as a mapping is checked under (``evaluation.probes.tasks.<task>.
+#: <benchmark>.probe`` in a run, where :mod:`ph_reg.params` checks it with the full dotted key first).
+PROBE_SECTION = "probe"
 
 
 def _check_positive(config: Any, names: tuple[str, ...]) -> None:
@@ -80,10 +73,6 @@ class SegmentationProbeConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or None, got {self.num_classes!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SegmentationProbeConfig:
-        return config_from_dict(cls, data)
 
 
 class LinearSegmentationProbe(nn.Module):
@@ -122,10 +111,6 @@ def segmentation_loss(logits: Tensor, label: Tensor, ignore_index: int = IGNORE_
     return total / count
 
 
-def _probe_device(probe: nn.Module) -> torch.device:
-    return next(probe.parameters()).device
-
-
 def train_segmentation_probe(train: ShardReader | BatchSource,
                              config: SegmentationProbeConfig | Mapping[str, Any] | None = None,
                              seed: int = 0, history: list[float] | None = None) -> LinearSegmentationProbe:
@@ -135,7 +120,7 @@ def train_segmentation_probe(train: ShardReader | BatchSource,
     :mod:`.online`). Initialisation and batch order are seeded from ``seed``. ``history``, when given, receives the
     training loss of every iteration.
     """
-    config = SegmentationProbeConfig.from_dict(config)
+    config = from_mapping(SegmentationProbeConfig, config, PROBE_SECTION)
     source = as_batch_source(train)
     num_classes = config.num_classes or source.attrs.get("num_classes")
     if not num_classes:
@@ -147,21 +132,14 @@ def train_segmentation_probe(train: ShardReader | BatchSource,
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(config.iterations, config.poly_power))
     batches = source.batches(config.batch_size, generator(seed, "segmentation_probe_batches"), ("patch", "label"))
-    probe.train()
-    losses = []
-    for _ in range(config.iterations):
+
+    def loss_at(_: int) -> Tensor:
         batch = next(batches)
         patch, label = batch["patch"].to(device), batch["label"].to(device)
         logits = probe(patch, size=label.shape[-2:])
-        loss = segmentation_loss(logits, label, config.ignore_index, config.avg_non_ignore)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.detach())
-    if history is not None and losses:
-        history.extend(torch.stack(losses).float().cpu().tolist())  # one device sync, after training
-    return probe.eval()
+        return segmentation_loss(logits, label, config.ignore_index, config.avg_non_ignore)
+
+    return fit_probe(probe, optimizer, schedule, config.iterations, loss_at, history)
 
 
 def stitch_windows(window_maps: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -187,7 +165,7 @@ def _window_size(image: CachedImage) -> tuple[int, int]:
 @torch.no_grad()
 def predict_segmentation_logits(probe: LinearSegmentationProbe, image: CachedImage) -> Tensor:
     """Sliding-window logits (K, H0, W0) at the label's resolution (the resized image's if there is no label)."""
-    device = _probe_device(probe)
+    device = module_device(probe)
     logits = probe(image.patch.to(device), size=_window_size(image))
     logits = stitch_windows(logits, image.boxes, image.resized)
     out_size = image.resized if image.label is None else tuple(image.label.shape)
@@ -206,7 +184,7 @@ def evaluate_segmentation_probe(probe: LinearSegmentationProbe, val_store: Shard
         raise ValueError(f"num_classes={num_classes} does not match the probe's {probe.num_classes} classes")
     was_training = probe.training
     probe.eval()
-    metrics = segmentation_metrics(num_classes, ignore_index).to(_probe_device(probe))
+    metrics = segmentation_metrics(num_classes, ignore_index).to(module_device(probe))
     try:
         for image in iter_val_images(val_store):
             pred = predict_segmentation_logits(probe, image).argmax(0)

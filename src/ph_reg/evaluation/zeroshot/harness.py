@@ -17,11 +17,12 @@ Precision: the harness runs a dense function as it is (fp32 unless the function 
 :func:`precision_dense_fn` wraps one in the autocast context of an evaluation precision (``evaluation.precision``,
 :func:`ph_reg.runtime.autocast`).
 """
+# long: the SCLIP/NACLIP zero-shot protocol (config, dense functions, sliding-window inference, scoring) in one place
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -31,20 +32,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from ph_reg.data.transforms import DEFAULT_MAX_LONG_SIDE, resize_tensor_short_side
 from ph_reg.evaluation.benchmarks.base import IGNORE_INDEX, DenseDataset
-from ph_reg.method.tta import TTADenoiser
+from ph_reg.method.tta import MAX_IMAGES_PER_FORWARD, TTAConfig, TTADenoiser
 from ph_reg.models.backbone import DenseViT
 from ph_reg.models.clip_heads import CLIP_HEADS
-from ph_reg.runtime import autocast, check_precision, normalize
+from ph_reg.evaluation.windows import sliding_windows
+from ph_reg.runtime import autocast, check_precision, module_device, normalize
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "PAPER_SETTINGS",
     "TTA_HEADS",
     "ZERO_SHOT_HEADS",
     "ZeroShotPrediction",
-    "ZeroShotSettings",
+    "ZeroShotConfig",
     "backbone_head",
     "classify",
     "evaluate_zero_shot",
@@ -52,11 +54,8 @@ __all__ = [
     "make_dense_fn",
     "model_dense_fn",
     "precision_dense_fn",
-    "resize_short_side",
-    "resized_size",
     "segment_image",
     "sliding_window_logits",
-    "sliding_windows",
     "tta_dense_fn",
     "zero_shot_maps",
 ]
@@ -69,17 +68,11 @@ DEFAULT_STRIDE = 112
 DEFAULT_LOGIT_SCALE = 40.0
 DEFAULT_BATCH_SIZE = 16  # crops per forward pass
 DEFAULT_PATCH_SIZE = 16  # the ViT-B/16 patch size
-# mmseg's keep-ratio Resize(scale=(2048, short_side)) of the SCLIP/NACLIP/PH-Reg test pipelines caps the long side
-DEFAULT_MAX_LONG_SIDE = 2048
 # windows smaller than the crop (images smaller than the crop): "as_is" = forwarded at their own size, the pixels
 # past a whole number of patches dropped by the stride-patch embedding (SCLIP/NACLIP/PH-Reg ``forward_slide``);
 # "pad" = zero-padded (normalised space) up to a multiple of the patch size, centred, padding cut off the logits
 SMALL_WINDOW_MODES: tuple[str, ...] = ("as_is", "pad")
 DEFAULT_SMALL_WINDOW = "as_is"
-DEFAULT_TTA_VIEWS = 10
-DEFAULT_TTA_SHIFT_FRAC = 0.15
-DEFAULT_TTA_FLIP_PROB = 0.5
-DEFAULT_TTA_MAX_IMAGES = 64
 BACKGROUND_CLASS = 0
 
 # harness head -> backbone head run through the TTA denoiser at inference
@@ -88,7 +81,7 @@ ZERO_SHOT_HEADS: tuple[str, ...] = ("vanilla", *CLIP_HEADS, *TTA_HEADS)
 
 
 @dataclass(frozen=True)
-class ZeroShotSettings:
+class ZeroShotConfig:
     """Every setting of the harness.
 
     ``short_side`` None keeps the image size (and ignores ``max_long_side``). Otherwise the image is resized by
@@ -116,49 +109,28 @@ class ZeroShotSettings:
         for key in ("crop", "stride", "batch_size", "patch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ZeroShotSettings.{key} must be a positive int, got {value!r}")
+                raise ValueError(f"ZeroShotConfig.{key} must be a positive int, got {value!r}")
         if self.short_side is not None and (not isinstance(self.short_side, int) or self.short_side < 1):
-            raise ValueError(f"ZeroShotSettings.short_side must be a positive int or None, got {self.short_side!r}")
+            raise ValueError(f"ZeroShotConfig.short_side must be a positive int or None, got {self.short_side!r}")
         if self.max_long_side is not None and (not isinstance(self.max_long_side, int)
                                                or isinstance(self.max_long_side, bool) or self.max_long_side < 1):
-            raise ValueError(f"ZeroShotSettings.max_long_side must be a positive int or None, got "
+            raise ValueError(f"ZeroShotConfig.max_long_side must be a positive int or None, got "
                              f"{self.max_long_side!r}")
         if self.short_side is not None and self.max_long_side is not None and self.max_long_side < self.short_side:
-            raise ValueError(f"ZeroShotSettings.max_long_side ({self.max_long_side}) must be at least short_side "
+            raise ValueError(f"ZeroShotConfig.max_long_side ({self.max_long_side}) must be at least short_side "
                              f"({self.short_side})")
         if self.small_window not in SMALL_WINDOW_MODES:
-            raise ValueError(f"ZeroShotSettings.small_window must be one of {list(SMALL_WINDOW_MODES)}, got "
+            raise ValueError(f"ZeroShotConfig.small_window must be one of {list(SMALL_WINDOW_MODES)}, got "
                              f"{self.small_window!r}")
         if self.stride > self.crop:
-            raise ValueError(f"ZeroShotSettings.stride ({self.stride}) must not exceed crop ({self.crop})")
+            raise ValueError(f"ZeroShotConfig.stride ({self.stride}) must not exceed crop ({self.crop})")
         if not self.logit_scale > 0:
-            raise ValueError(f"ZeroShotSettings.logit_scale must be positive, got {self.logit_scale!r}")
+            raise ValueError(f"ZeroShotConfig.logit_scale must be positive, got {self.logit_scale!r}")
         if not 0.0 <= self.prob_thd <= 1.0:
-            raise ValueError(f"ZeroShotSettings.prob_thd must be in [0, 1], got {self.prob_thd!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ZeroShotSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ZeroShotSettings keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"ZeroShotConfig.prob_thd must be in [0, 1], got {self.prob_thd!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# PH-Reg's per-benchmark settings (method.md section 6); logit_scale 40 and stride 112 everywhere
-PAPER_SETTINGS: dict[str, ZeroShotSettings] = {
-    "voc21": ZeroShotSettings(short_side=448, crop=336, prob_thd=0.1),
-    "context60": ZeroShotSettings(short_side=448, crop=336, prob_thd=0.1),
-    "coco_object": ZeroShotSettings(short_side=336, crop=336, prob_thd=0.1),
-    "voc20": ZeroShotSettings(short_side=336, crop=336),
-    "context59": ZeroShotSettings(short_side=448, crop=336),
-    "coco_stuff": ZeroShotSettings(short_side=448, crop=336),
-    "cityscapes": ZeroShotSettings(short_side=560, crop=224),
-    "ade20k": ZeroShotSettings(short_side=448, crop=336),
-}
 
 
 class ZeroShotPrediction(NamedTuple):
@@ -177,99 +149,45 @@ def backbone_head(head: str) -> str:
     return TTA_HEADS.get(head, head)
 
 
-def _model_device(model: DenseViT) -> torch.device:
-    return next(model.parameters()).device
-
-
 def model_dense_fn(model: DenseViT) -> DenseFn:
     """Images -> ``model(images).patch``; inputs are moved to the model's device, outputs back to the input's."""
     def dense_fn(images: Tensor) -> Tensor:
-        return model(images.to(_model_device(model))).patch.to(images.device)
+        return model(images.to(module_device(model))).patch.to(images.device)
     return dense_fn
 
 
-def tta_dense_fn(
-        model: DenseViT,
-        n_views: int = DEFAULT_TTA_VIEWS,
-        seed: int = 0,
-        shift_frac: float = DEFAULT_TTA_SHIFT_FRAC,
-        flip_prob: float = DEFAULT_TTA_FLIP_PROB,
-        max_images_per_forward: int = DEFAULT_TTA_MAX_IMAGES,
-) -> DenseFn:
-    """Images -> the model's dense features averaged over ``n_views`` shifted/flipped views (TTADenoiser).
+def tta_dense_fn(model: DenseViT, tta: TTAConfig, seed: int = 0,
+                 max_images_per_forward: int = MAX_IMAGES_PER_FORWARD) -> DenseFn:
+    """Images -> the model's dense features averaged over the ``tta.n_views`` shifted/flipped views of ``tta``
+    (TTADenoiser; the evaluation passes ``teacher_denoising.tta`` with ``evaluation.zero_shot.tta_views`` views).
 
     Every crop draws its views from a generator seeded with ``seed`` afresh, so every crop of every batch uses the
     same views and the result does not depend on batching or call order. ``n_views=1`` is the identity view only
     (= the model).
     """
-    denoiser = TTADenoiser(model_dense_fn(model), patch_size=model.patch_size, fill=model.fill_value(),
-                           n_views=n_views, shift_frac=shift_frac, flip_prob=flip_prob,
-                           max_images_per_forward=max_images_per_forward)
+    denoiser = TTADenoiser(model_dense_fn(model), model.patch_size, model.fill_value(), tta, max_images_per_forward)
 
     def dense_fn(images: Tensor) -> Tensor:
         return denoiser(images, [torch.Generator().manual_seed(seed) for _ in range(images.shape[0])])
     return dense_fn
 
 
-def make_dense_fn(model: DenseViT, head: str, n_views: int = DEFAULT_TTA_VIEWS, seed: int = 0) -> DenseFn:
+def make_dense_fn(model: DenseViT, head: str, tta: TTAConfig | None = None, seed: int = 0) -> DenseFn:
     """The dense function of a zero-shot head; ``model`` must have been built with ``backbone_head(head)``.
-    ``n_views`` and ``seed`` only matter for the TTA heads. Put the model in eval mode yourself."""
+    ``tta`` (required by the TTA heads: ``teacher_denoising.tta``) and ``seed`` only matter for the TTA heads. Put
+    the model in eval mode yourself."""
     expected = backbone_head(head)
     if model.head != expected:
         raise ValueError(f"zero-shot head {head!r} needs a backbone built with head={expected!r}, "
                          f"got a backbone with head={model.head!r}")
     if head in TTA_HEADS:
-        return tta_dense_fn(model, n_views=n_views, seed=seed)
+        if tta is None:
+            raise ValueError(f"zero-shot head {head!r} needs the TTA settings (a TTAConfig: teacher_denoising.tta)")
+        return tta_dense_fn(model, tta, seed=seed)
     return model_dense_fn(model)
 
 
 # ---------------------------------------------------------------- sliding window
-
-
-def sliding_windows(length: int, crop: int, stride: int) -> list[tuple[int, int]]:
-    """(start, end) of every window along one axis: ``n = max(L - crop + stride - 1, 0) // stride + 1`` windows
-    starting at ``i * stride``; the end is clamped to ``L`` and the start pulled back to ``end - crop`` (>= 0)."""
-    for key, value in (("length", length), ("crop", crop), ("stride", stride)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive int, got {value!r}")
-    if stride > crop:
-        raise ValueError(f"stride ({stride}) must not exceed crop ({crop}): the windows would leave gaps")
-    count = max(length - crop + stride - 1, 0) // stride + 1
-    windows = []
-    for i in range(count):
-        end = min(i * stride + crop, length)
-        windows.append((max(end - crop, 0), end))
-    return windows
-
-
-def resized_size(height: int, width: int, short_side: int | None,
-                 max_long_side: int | None = DEFAULT_MAX_LONG_SIDE) -> tuple[int, int]:
-    """(H, W) after mmseg's keep-ratio ``Resize(scale=(max_long_side, short_side))`` (mmcv ``rescale_size``): the
-    factor is ``min(short_side / min(H, W), max_long_side / max(H, W))`` (no cap when ``max_long_side`` is None),
-    each side rounded as ``int(side * factor + 0.5)``. ``short_side`` None keeps the size."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if short_side is None:
-        return height, width
-    if max_long_side is not None and max_long_side < short_side:
-        raise ValueError(f"max_long_side ({max_long_side}) must be at least short_side ({short_side})")
-    factor = short_side / min(height, width)
-    if max_long_side is not None:
-        factor = min(factor, max_long_side / max(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
-
-
-def resize_short_side(images: Tensor, short_side: int | None,
-                      max_long_side: int | None = DEFAULT_MAX_LONG_SIDE) -> Tensor:
-    """Bilinear (align_corners False) resize of float images (B, C, H, W) to :func:`resized_size` (short side
-    ``short_side`` unless the long side would exceed ``max_long_side``); None returns ``images`` unchanged."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    height, width = images.shape[-2:]
-    size = resized_size(height, width, short_side, max_long_side)
-    if size == (height, width):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 def _centred_padding(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
@@ -326,7 +244,7 @@ def sliding_window_logits(
     Each crop's L2-normalised features are dotted with the L2-normalised ``text_emb`` (Q, D); the (Q, h, w) logits
     are upsampled bilinearly (align_corners False) to the crop size, summed into a canvas and divided by the
     per-pixel window count. Crops are batched ``batch_size`` at a time. A window whose side is not a multiple of
-    ``patch_size`` is handled by ``small_window`` (see :class:`ZeroShotSettings`): ``"as_is"`` forwards the part
+    ``patch_size`` is handled by ``small_window`` (see :class:`ZeroShotConfig`): ``"as_is"`` forwards the part
     covered by whole patches (what a stride-``patch_size`` patch embedding reads) and upsamples its logits to the
     whole window; ``"pad"`` zero-pads it to a multiple and cuts the padding off the upsampled logits.
     """
@@ -419,13 +337,13 @@ def _check_uint8_image(image: Tensor) -> None:
         raise ValueError(f"image must be a (3, H, W) RGB tensor, got {shape}")
 
 
-def _prepare(image: Tensor, settings: ZeroShotSettings, mean: Sequence[float], std: Sequence[float],
+def _prepare(image: Tensor, settings: ZeroShotConfig, mean: Sequence[float], std: Sequence[float],
              device: torch.device) -> Tensor:
     """uint8 (or [0, 1] float) (3, H, W) -> resized, normalised (1, 3, H', W') float32 on ``device``."""
     _check_uint8_image(image)
     x = image.to(device)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    x = resize_short_side(x.unsqueeze(0), settings.short_side, settings.max_long_side)
+    x = resize_tensor_short_side(x.unsqueeze(0), settings.short_side, settings.max_long_side)
     return normalize(x, tuple(mean), tuple(std))
 
 
@@ -436,7 +354,7 @@ def segment_image(
         text_emb: Tensor,
         query_to_class: Sequence[int] | Tensor,
         num_classes: int,
-        settings: ZeroShotSettings,
+        settings: ZeroShotConfig,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
 ) -> ZeroShotPrediction:
@@ -457,7 +375,7 @@ def segment_image(
 def image_dense_features(
         dense_fn: DenseFn,
         image: Tensor,
-        settings: ZeroShotSettings,
+        settings: ZeroShotConfig,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         device: torch.device | str = "cpu",
@@ -481,7 +399,7 @@ def evaluate_zero_shot(
         query_to_class: Sequence[int] | Tensor,
         num_classes: int,
         dataset: DenseDataset | Sequence,
-        settings: ZeroShotSettings,
+        settings: ZeroShotConfig,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         max_samples: int | None = None,
@@ -519,7 +437,7 @@ def zero_shot_maps(
         text_emb: Tensor,
         query_to_class: Sequence[int] | Tensor,
         num_classes: int,
-        settings: ZeroShotSettings,
+        settings: ZeroShotConfig,
         query: int,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ph_reg.models.backbone import BackboneConfig, build_open_clip_model
+from ph_reg.models.backbone import BackboneConfig
+from ph_reg.models.open_clip import build_open_clip_model
 from ph_reg.evaluation.zeroshot.templates import OPENAI_IMAGENET_TEMPLATES, format_prompts
 
 __all__ = ["OpenClipTextEncoder", "build_text_encoder", "text_embeddings"]

@@ -16,13 +16,13 @@ def prepare_images(params: dict[str, Any], seed: int) -> RecordStream:
     in the store's ``skipped_images.json`` (catalog entry ``skipped_images``), written once every image is read.
     """
     from ph_reg.params import data_preparation_params
-    from ph_reg.data.images import SKIP_REPORT_NAME, SkipReport, prepared_records
-    from ph_reg.io import RecordStream
+    from ph_reg.data.prepare import prepared_records
+    from ph_reg.data.sources import SKIP_REPORT_NAME, SkipReport
+    from ph_reg.io.shards import RecordStream
 
-    checked = data_preparation_params(params)
-    config = checked.config
+    config = data_preparation_params(params)
     report = SkipReport(config.source, config.on_error)
     return RecordStream(prepared_records(config, seed, report),
                         attrs={"image_size": config.image_size, "source": config.source},
-                        records_per_shard=checked.records_per_shard,
+                        records_per_shard=config.records_per_shard,
                         reports={SKIP_REPORT_NAME: report.to_dict})

@@ -8,7 +8,8 @@ import pandas as pd
 
 # torch and the ph_reg library modules (which import torch) are imported inside the nodes, so loading the
 # pipelines is fast (the signatures name their classes through node_types, which Kedro resolves without torch)
-from ph_reg.pipelines.node_types import Dataset, DenseViT, OnlineTargets, ShardReader, Tensor
+from ph_reg.pipelines.node_types import (BackboneConfig, DataPreparationConfig, Dataset, DenseViT, OnlineTargets,
+                                        ShardReader, StudentDistillationConfig, TeacherDenoisingConfig, Tensor)
 
 
 def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
@@ -23,26 +24,24 @@ def build_student(backbone: dict[str, Any], params: dict[str, Any]) -> DenseViT:
     return student
 
 
-def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
-                     params: dict[str, Any], teacher_params: dict[str, Any], data_params: dict[str, Any],
-                     seed: int) -> tuple[Dataset, OnlineTargets | None]:
+def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReader,
+                     checked: StudentDistillationConfig, teacher: tuple[BackboneConfig, TeacherDenoisingConfig],
+                     data: DataPreparationConfig, seed: int) -> tuple[Dataset, OnlineTargets | None]:
     """Cached mode: stored crops and targets, every epoch one of each training image's
     ``data_preparation.crops_per_image`` crops, in turn (``TargetPairs``). Online mode: fresh crops of the training
     images (those that data_preparation accepted for the train split) and a teacher that denoises every batch.
 
     An online image that can no longer be read is replaced by its prepared crop (logged, and counted in the loss
-    history's ``substituted_images``), so a bad file never stops an epoch.
+    history's ``substituted_images``), so a bad file never stops an epoch. Takes the sections parsed by
+    :func:`train_student` (the teacher: its backbone config and the ``teacher_denoising`` section).
     """
-    from ph_reg.params import check_resolution, data_preparation_params, patch_size, student_distillation_params, teacher_denoising_params
-    from ph_reg.data.images import RandomCrops, StoredImageLoader, source_items
-    from ph_reg.method.distill import TargetPairs
+    from ph_reg.data.sources import source_items
+    from ph_reg.method.data import RandomCrops, StoredImageLoader, TargetPairs
     from ph_reg.method.targets import OnlineTargets
     from ph_reg.models import build_backbone
-    from ph_reg.method.student import teacher_backbone
+    from ph_reg.params import check_resolution, patch_size
 
-    _, checked = student_distillation_params(backbone, params)
-    teacher_config, teacher_checked = teacher_denoising_params(backbone, teacher_params)
-    data = data_preparation_params(data_params).config
+    teacher_config, denoising = teacher
     check_resolution("data_preparation.image_size", data.image_size, patch_size(teacher_config), teacher_config.arch)
     indices = images.indices(split=checked.train_split)
     if not indices:
@@ -62,10 +61,7 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     fallbacks = [StoredImageLoader(images, first_record[name]) for name in names]
     dataset = RandomCrops(loaders, data.image_size, student.mean, student.std, seed, fallbacks=fallbacks,
                           min_side=data.min_side, max_pixels=data.max_image_pixels)
-    teacher = build_backbone(teacher_backbone(backbone, teacher_checked.head))
-    tta = teacher_checked.tta
-    online = OnlineTargets(teacher, seed, n_views=tta.n_views, shift_frac=tta.shift_frac, flip_prob=tta.flip_prob,
-                           pool_factor=tta.pool_factor, max_images_per_forward=teacher_checked.max_images_per_forward)
+    online = OnlineTargets(build_backbone(teacher_config), seed, denoising.tta, denoising.max_images_per_forward)
     return dataset, online
 
 
@@ -86,19 +82,21 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
     epoch snapshots (``training.snapshot_every`` / ``snapshot_epochs``, written to ``snapshot_dir`` during training).
 
     SIGINT/SIGTERM stop it at the next optimizer step with a checkpoint (``training.resume: true`` continues; a
-    checkpoint trained under other settings is refused, see ``ph_reg.method.distill.check_resume``).
+    checkpoint trained under other settings is refused, see ``ph_reg.method.checkpoint.check_resume``).
     """
-    from ph_reg.params import student_distillation_params
-    from ph_reg.method.distill import distill
+    from ph_reg.params import data_preparation_params, student_distillation_params, teacher_denoising_params
+    from ph_reg.method.train import distill
     from ph_reg.models import trainable_state_dict
     from ph_reg.method.student import StudentSnapshots
 
     _, checked = student_distillation_params(backbone, params)
-    dataset, online = training_dataset(student, images, targets, backbone, params, teacher_params, data_params, seed)
+    teacher = teacher_denoising_params(backbone, teacher_params)
+    data = data_preparation_params(data_params)
+    dataset, online = training_dataset(student, images, targets, checked, teacher, data, seed)
     snapshots = None
     if checked.snapshot_dir is not None:
         snapshots = StudentSnapshots(checked.snapshot_dir, artifact_config(
-            student, list(trainable_state_dict(student)), backbone, teacher_params, params))
+            student, list(trainable_state_dict(student)), backbone, teacher[1].head, params))
     # what else the result depends on: recorded in every checkpoint, and a resume under other values is refused
     settings = {"backbone": backbone, "student_distillation": {k: v for k, v in params.items() if k != "training"},
                 "teacher_denoising": teacher_params, "data_preparation": data_params}
@@ -108,20 +106,21 @@ def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, 
     return student, pd.DataFrame(history), index
 
 
-def artifact_config(student: DenseViT, weight_names: list[str], backbone: dict[str, Any],
-                    teacher_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The JSON config of the exported student and of its snapshots (``ph_reg.load_student`` reads both)."""
+def artifact_config(student: DenseViT, weight_names: list[str], backbone: dict[str, Any], teacher_head: str,
+                    params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON config of the exported student and of its snapshots (``ph_reg.load_student`` reads both): the
+    section's own values as written (``training`` too), so the file does not depend on the config classes."""
     from ph_reg.method.student import student_config, teacher_backbone
 
     return student_config(student.config, params["trainable"], weight_names,
-                          teacher=teacher_backbone(backbone, teacher_params["head"]),
+                          teacher=teacher_backbone(backbone, teacher_head),
                           extra={"training": params["training"], "targets": params["targets"]})
 
 
-def export_student(student: DenseViT, backbone: dict[str, Any], teacher_params: dict[str, Any],
+def export_student(student: DenseViT, backbone: dict[str, Any], teacher_head: str,
                    params: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The trainable-weights delta and the JSON config that ``ph_reg.load_student`` rebuilds it from."""
     from ph_reg.models import trainable_state_dict
 
     weights = trainable_state_dict(student)
-    return weights, artifact_config(student, list(weights), backbone, teacher_params, params)
+    return weights, artifact_config(student, list(weights), backbone, teacher_head, params)

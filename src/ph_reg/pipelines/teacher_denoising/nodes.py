@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -25,7 +26,7 @@ def denoise_teacher(images: ShardReader, backbone: dict[str, Any], params: dict[
     disk keeps its finished shards: the next run computes only the records after them.
     """
     from ph_reg.params import check_resolution, patch_size, teacher_denoising_params
-    from ph_reg.io import RecordStream
+    from ph_reg.io.shards import RecordStream
     from ph_reg.models import build_backbone
     from ph_reg.method.targets import denoised_target_records, target_dtype
     from ph_reg.runtime import resolve_device
@@ -33,22 +34,18 @@ def denoise_teacher(images: ShardReader, backbone: dict[str, Any], params: dict[
     config, checked = teacher_denoising_params(backbone, params)
     if "image_size" in images.attrs:
         check_resolution("data_preparation.image_size", images.attrs["image_size"], patch_size(config), config.arch)
-    attrs = {"teacher": config.to_dict(), "tta": checked.tta.to_dict(), "mode": checked.mode}
+    attrs = {"teacher": config.to_dict(), "tta": dataclasses.asdict(checked.tta), "mode": checked.mode}
     if checked.mode == "online":
         return RecordStream(iter(()), attrs=attrs)
     teacher = build_backbone(config).to(resolve_device(checked.device))
-    tta = checked.tta
     # what the targets depend on besides attrs: a resumed run keeps only shards written with all of it equal
     attrs.update(seed=seed, target_dtype=checked.target_dtype, batch_size=checked.batch_size,
                  prepared_images=_store_digest(images))
 
     def records_from(start: int):
-        return denoised_target_records(
-            teacher, images, seed, n_views=tta.n_views, shift_frac=tta.shift_frac, flip_prob=tta.flip_prob,
-            pool_factor=tta.pool_factor, batch_size=checked.batch_size,
-            max_images_per_forward=checked.max_images_per_forward, dtype=target_dtype(checked.target_dtype),
-            start=start,
-        )
+        return denoised_target_records(teacher, images, seed, checked.tta, batch_size=checked.batch_size,
+                                       max_images_per_forward=checked.max_images_per_forward,
+                                       dtype=target_dtype(checked.target_dtype), start=start)
 
     return RecordStream(records_from(0), attrs=attrs, records_per_shard=checked.records_per_shard,
                         records_from=records_from if checked.resume else None)

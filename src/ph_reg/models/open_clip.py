@@ -1,0 +1,203 @@
+"""The open_clip family: CLIP vision towers as :class:`OpenClipDenseViT`, and the family's adapter functions
+(:func:`build`, :func:`meta_model`, :func:`patch_size`, :func:`is_known`, :func:`list_models`,
+:func:`pretrained_tags`) that :mod:`ph_reg.models.factory` dispatches to. :func:`build_open_clip_model` gives the
+whole CLIP model (its text tower serves zero-shot segmentation)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ph_reg.models.backbone import (HF_HUB_PREFIX, BackboneConfig, DenseOutput, DenseViT, checked_config,
+                                    weights_unavailable)
+from ph_reg.models.clip_heads import CLIP_HEADS
+from ph_reg.models.pos_embed import OFFICIAL_SCALE_OFFSET, resize_pos_embed
+
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+open_clip.add_model_config(ARCHITECTURES_DIR)  # makes "open_clip:ph-reg-tiny-ViT-16" available
+
+
+class OpenClipDenseViT(DenseViT):
+    """open_clip CLIP vision tower; tokens ``[CLS, patches, registers]``; last block replaced by the head."""
+
+    def __init__(self, config: BackboneConfig, vit: OpenClipVisionTransformer):
+        _check_open_clip_tower(config, vit)
+        patch = vit.patch_size[0]
+        if config.img_size % patch:
+            raise ValueError(f"img_size {config.img_size} must be divisible by the patch size {patch}")
+        width = vit.transformer.width
+        embed_dim = vit.proj.shape[1] if vit.proj is not None else width
+        pp = getattr(vit, "preprocess_cfg", {}) or {}
+        super().__init__(config, vit, patch, embed_dim, width,
+                         pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD))
+        # the stored table: resized once to the img_size grid (explicit_size: every model; official: the student,
+        # as StudentCLIP's constructor does), or the pretrained one (official: frozen models, as NACLIP)
+        if config.pos_embed_interp == "explicit_size" or config.student:
+            new_grid = (config.img_size // patch,) * 2
+            with torch.no_grad():
+                pos = self._resize_pos_embed(vit.positional_embedding.data, tuple(vit.grid_size), new_grid)
+            vit.positional_embedding = nn.Parameter(pos.contiguous(), requires_grad=False)
+            vit.grid_size = new_grid
+            vit.image_size = (config.img_size, config.img_size)
+
+    def _resize_pos_embed(self, table: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+        offset = OFFICIAL_SCALE_OFFSET if self.config.pos_embed_interp == "official" else None
+        return resize_pos_embed(table, old_grid, new_grid, scale_offset=offset)
+
+    def pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Positional embedding ``(1 + gh * gw, D)`` for a grid: the stored table (``vit.positional_embedding`` at
+        ``vit.grid_size``) at its own grid, else that table resized once by ``config.pos_embed_interp``."""
+        return self._resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), tuple(grid))
+
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        transformer = self.vit.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks:
+            if attn_mask is not None:
+                if transformer.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+                else:
+                    x = block(x, attn_mask=attn_mask)
+            elif transformer.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
+    def _run_implanted(self, blocks: Sequence[nn.Module], x: Tensor, images: Tensor) -> Tensor:
+        """Run ``blocks`` with the implant: plant after block ``implant.block``, attention sinks afterwards."""
+        implant = self.implant
+        x = self._run_blocks(blocks[:implant.block + 1], x)
+        mask = implant.select(images, self.patch_size)
+        x = implant.plant(x, mask, patch_start=1)
+        bias = implant.attention_bias(mask, x.shape[1], patch_start=1).to(self._attention_dtype(x))
+        heads = blocks[0].attn.num_heads
+        return self._run_blocks(blocks[implant.block + 1:], x, attn_mask=bias.repeat_interleave(heads, dim=0))
+
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
+        vit = self.vit
+        x = vit.conv1(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls_token = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_token, x], dim=1) + self.pos_embed(grid).to(x.dtype)
+        if self.registers is not None:
+            x = torch.cat([x, self._expand_registers(x)], dim=1)
+        x = vit.ln_pre(x)
+        blocks = vit.transformer.resblocks
+        full_blocks = blocks if self.head == "vanilla" else blocks[:-1]
+        if self.implant is None:
+            x = self._run_blocks(full_blocks, x)
+        else:
+            x = self._run_implanted(full_blocks, x, images)
+        if pre_norm:
+            y = x
+        else:
+            y = x if self.head == "vanilla" else CLIP_HEADS[self.head](blocks[-1], x, grid=grid,
+                                                                         num_registers=self.num_registers)
+            y = vit.ln_post(y)
+            if vit.proj is not None:
+                y = y @ vit.proj
+        num_patches = grid[0] * grid[1]
+        patch = y[:, 1:1 + num_patches].reshape(y.shape[0], *grid, y.shape[-1])
+        return DenseOutput(patch=patch, cls=y[:, 0])
+
+    def _blocks_prefix(self) -> tuple[str, int]:
+        return "vit.transformer.resblocks", len(self.vit.transformer.resblocks)
+
+    def _named_groups(self) -> dict[str, list[str]]:
+        return {"registers": ["registers"], "pos_embed": ["vit.positional_embedding"], "patch_embed": ["vit.conv1.*"]}
+
+
+def _check_open_clip_tower(config: BackboneConfig, vit: nn.Module) -> None:
+    if not isinstance(vit, OpenClipVisionTransformer):
+        raise ValueError(f"{config.arch} has a {type(vit).__name__} vision tower; only open_clip's "
+                         "VisionTransformer is supported")
+    if vit.attn_pool is not None:
+        raise ValueError(f"{config.arch}: attentional pooling towers are not supported")
+    if not isinstance(vit.patch_dropout, nn.Identity):
+        raise ValueError(f"{config.arch}: patch dropout is not supported (dense output needs every patch)")
+    if vit.patch_size[0] != vit.patch_size[1]:
+        raise ValueError(f"{config.arch}: non-square patches {vit.patch_size} are not supported")
+
+
+def create_model(config: BackboneConfig) -> nn.Module:
+    """The full open_clip model (vision and text towers) of ``config``; the caller seeds the global RNG."""
+    name = config.model_name
+    kwargs = dict(config.model_kwargs)
+    if name.startswith(HF_HUB_PREFIX):
+        # config (and weights) come from the hub repo; open_clip ignores `pretrained` for hf-hub names
+        try:
+            model = open_clip.create_model(name, load_weights=config.pretrained is not None,
+                                           require_pretrained=config.pretrained is not None, **kwargs)
+        except Exception as exc:
+            raise weights_unavailable(config, exc) from None
+        if config.checkpoint is not None:
+            open_clip.load_checkpoint(model, config.checkpoint, strict=True)
+        return model
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+    if config.pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, config.pretrained)
+        hint = "" if tag_cfg else (f"Known tags for {name}: {open_clip.list_pretrained_tags_by_model(name)}. ")
+        try:
+            model = open_clip.create_model(name, pretrained=config.pretrained, require_pretrained=True,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **kwargs)
+        except Exception as exc:
+            raise weights_unavailable(config, exc, hint) from None
+    else:
+        model = open_clip.create_model(name, pretrained=config.checkpoint, **kwargs)
+    return model
+
+
+def build(config: BackboneConfig) -> OpenClipDenseViT:
+    """The DenseViT of ``config`` (the caller seeds the global RNG)."""
+    return OpenClipDenseViT(config, create_model(config).visual)
+
+
+def build_open_clip_model(config: BackboneConfig | Mapping[str, Any]) -> nn.Module:
+    """The full open_clip CLIP model (vision and text towers) behind ``build_backbone(config)``, frozen, in eval
+    mode: created by the same seeded call, so its ``visual`` has the same weights as the DenseViT's tower (before
+    the positional embedding is resized to ``img_size``). Used for the text tower of zero-shot segmentation."""
+    config = checked_config(config)
+    if config.family != "open_clip":
+        raise ValueError(f"arch must be an open_clip architecture ('open_clip:<name>'), got {config.arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        model = create_model(config)
+    return model.requires_grad_(False).eval()
+
+
+# --- the family adapter's look-ups without weights (ph_reg.models.factory, ph_reg.params) ------------------------
+
+def is_known(name: str) -> bool:
+    """Whether open_clip knows the architecture (``hf-hub:`` names are looked up only when built)."""
+    return name.startswith(HF_HUB_PREFIX) or open_clip.get_model_config(name) is not None
+
+
+def list_models() -> list[str]:
+    return open_clip.list_models()
+
+
+def pretrained_tags(name: str) -> list[str] | None:
+    """The pretrained tags open_clip has for ``name`` (None: the name carries its own tag; never for open_clip)."""
+    return open_clip.list_pretrained_tags_by_model(name)
+
+
+def patch_size(config: BackboneConfig) -> int:
+    """The patch size of ``config.arch``, read from open_clip's model config (no model built)."""
+    vision = open_clip.get_model_config(config.model_name)["vision_cfg"]
+    patch = vision.get("patch_size", 0)
+    return patch[0] if isinstance(patch, (tuple, list)) else patch
+
+
+def meta_model(config: BackboneConfig) -> OpenClipDenseViT:
+    """The DenseViT of ``config`` built under the caller's ``torch.device("meta")``: names and shapes, no data."""
+    model = open_clip.create_model(config.model_name, device="meta", **dict(config.model_kwargs))
+    return OpenClipDenseViT(config, model.visual)

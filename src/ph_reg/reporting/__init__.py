@@ -1,0 +1,1 @@
+"""Reporting: Markdown tables (:mod:`.tables`) and figures (:mod:`.figures`) of the evaluation's results."""
