@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for people and CI: sets up .venv (once; again when pyproject.toml changes) and then
+# One entry point for people and CI: sets up .venv (once; again when pyproject.toml changes; the test extra only for
+# `test`) and then
 #   bash scripts/dev.sh run    runs the default Kedro pipeline on the embedded default configuration
 #   bash scripts/dev.sh test   runs the test suite; as root it first installs Debian's chromium and chromium-driver
 #                              (apt) for the kedro-viz browser tests when they are missing
@@ -16,11 +17,21 @@ if [ ! -x "$venv/bin/python" ]; then
   python=$(command -v python3.11 || command -v python3)
   "$python" -m venv "$venv"
 fi
-stamp="$venv/.ph-reg-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# `run` and `setup` install the project alone (pip install -e .); `test` also its test extra (-e ".[test]": pytest,
+# hypothesis, selenium, ... which the run never imports). A stamp marks each install, redone when pyproject.toml
+# changes; .ph-reg-installed marks the full one (test extra included), which serves every command.
+full="$venv/.ph-reg-installed"
+base="$venv/.ph-reg-installed-run"
+fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+install() {  # $1: what pip installs, $2: its stamp
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[test]"
-  touch "$stamp"
+  "$venv/bin/python" -m pip install --quiet -e "$1"
+  touch "$2"
+}
+if [ "${1:-}" = test ]; then
+  fresh "$full" || install ".[test]" "$full"
+else
+  fresh "$full" || fresh "$base" || install "." "$base"
 fi
 export PATH="$venv/bin:$PATH"
 

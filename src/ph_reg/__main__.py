@@ -1,4 +1,5 @@
-"""``python -m ph_reg`` runs the Kedro project like ``kedro run``."""
+"""``python -m ph_reg`` runs the Kedro project like ``kedro run``; ``python -m ph_reg export ...`` is the project's
+``kedro export`` (a distilled student for plain timm or the Hugging Face Hub)."""
 
 import sys
 from pathlib import Path
@@ -8,6 +9,10 @@ from kedro.framework.project import configure_project
 
 
 def main(*args, **kwargs):
+    if sys.argv[1:2] == ["export"]:
+        from ph_reg.cli import export
+
+        return export.main(sys.argv[2:], prog_name="python -m ph_reg export", **kwargs)
     package_name = Path(__file__).parent.name
     configure_project(package_name)
     run = find_run_command(package_name)
@@ -16,3 +21,4 @@ def main(*args, **kwargs):
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -7,6 +7,9 @@ source that cannot be prepared, a full disk, missing pretrained weights, a run s
 exception is a bug and keeps its full traceback. Kedro's log keeps its usual lines (which node failed, and how to
 resume the run) above the message.
 
+``kedro export`` (also ``python -m ph_reg export``) writes a distilled student for plain timm or the Hugging Face
+Hub (:mod:`ph_reg.method.export`).
+
 Kedro reads the ``cli`` group of this module for every ``kedro`` command of the project, and its commands take
 precedence over Kedro's built-in ones. It imports nothing heavy (``kedro viz`` starts fast).
 """
@@ -79,3 +82,22 @@ def cli() -> None:
 
 
 cli.add_command(run)
+
+
+@cli.command(name="export")
+@click.argument("student", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["timm", "hub"]), default="hub", show_default=True,
+              help="timm: a folder timm.create_model('local-dir:<out>', pretrained=True) loads; hub: that plus the "
+                   "ph-reg student (ph_reg/) and a model card, ready for huggingface_hub.upload_folder")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the folder to write (replaced)")
+@click.option("--img-size", type=int, default=None,
+              help="the resolution whose positional table is exported (exact there); default: the training one")
+@click.option("--metrics", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a JSON file of measured metrics for the model card, e.g. data/08_reporting/summary.json")
+@one_line_user_errors
+def export(student: str, fmt: str, out: str, img_size: int | None, metrics: str | None) -> None:
+    """Export the distilled student in STUDENT (a folder with config.json + weights.safetensors, e.g.
+    data/06_models/student) for use without ph-reg: plain timm, or a Hugging Face Hub folder."""
+    from ph_reg.method.export import export as export_student
+
+    click.echo(export_student(student, out, fmt, img_size=img_size, metrics=metrics))

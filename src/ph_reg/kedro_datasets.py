@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from ph_reg.io.shards import RecordStream, ShardReader
+    from ph_reg.method.export import HubExport
 
 
 class ShardStoreDataset(AbstractDataset["RecordStream", "ShardReader"]):
@@ -170,3 +171,27 @@ class AtomicFileDataset(AbstractDataset[Any, Any]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "dataset": self._class.__name__}
+
+
+class StudentHubDataset(AbstractDataset["HubExport", Any]):
+    """A distilled student as a Hugging Face Hub folder (:func:`ph_reg.method.export.save_pretrained`): the stock
+    timm form at the top, the ph-reg student under ``ph_reg/``, a model card; written atomically. Loads the
+    ph-reg student (:func:`ph_reg.method.export.from_pretrained`)."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        from ph_reg.method.export import from_pretrained
+
+        return from_pretrained(self._path)
+
+    def save(self, data: HubExport) -> None:
+        data.write(self._path)
+
+    def _exists(self) -> bool:
+        return (self._path / "ph_reg" / "config.json").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

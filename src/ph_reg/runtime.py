@@ -86,12 +86,31 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) or float in [0, 1] -> float32 normalised with the model's mean and std."""
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or float in [0, 1] -> float32 normalised with the model's mean and std.
+
+    ``mean``/``std`` are sequences, or float32 tensors already on the images' device (built once by
+    :func:`normalization_constants`, so a training step copies nothing from the host)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+def normalization_constants(mean: Sequence[float], std: Sequence[float],
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 tensors on ``device``, for :func:`normalize` in a hot loop."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: a CPU tensor bound for CUDA is pinned and copied
+    with ``non_blocking=True`` (a pageable copy waits for every queued kernel); elsewhere a plain ``.to``."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # --- graceful stops ----------------------------------------------------------------------------------------------
@@ -146,3 +165,66 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopReque
         yield stop
     finally:
         restore()
+
+
+# --- host syncs --------------------------------------------------------------------------------------------------
+
+#: Tensor reads that make the host wait for the device (on CUDA): values copied to Python, to the CPU, or shapes
+#: that depend on values (``nonzero``, boolean indexing).
+_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+                 "argwhere", "masked_select", "unique")
+
+
+class HostSyncCounter:
+    """Counts the tensor reads that would make the host wait for a CUDA device (:data:`_SYNC_METHODS`, boolean
+    indexing), on any device (a CPU run counts what a GPU run would wait for), with the ``file:line function`` of the
+    innermost ``ph_reg`` frame of each: ``with HostSyncCounter() as syncs: ...; syncs.sites``.
+
+    On the CPU every tensor lives on the host, so the counter cannot tell a device tensor from one that stays on the
+    host on every device: ``host_side`` names the functions whose reads are of such tensors (TTA views and index
+    grids drawn on the host; PyTorch's own AdamW step counters, CPU tensors unless ``capturable``); their reads are
+    kept apart in ``host_sites``. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` is the ground truth
+    (``benchmarks/gpu_check.py``)."""
+
+    HOST_SIDE = ("sample_views", "farthest_point_sample", "_shift_flip", "patch_index_grids", "unshift_average")
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        counter = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                name = getattr(func, "__name__", "")
+                if name in _SYNC_METHODS or (name == "__getitem__" and _bool_index(args)):
+                    counter._record(name)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self.sites: list[str] = []
+        self.host_sites: list[str] = []
+
+    def _record(self, name: str) -> None:
+        import sys
+
+        frame, innermost_torch = sys._getframe(2), False
+        while frame is not None and "/ph_reg/" not in frame.f_code.co_filename.replace("\\", "/"):
+            innermost_torch = innermost_torch or "/torch/optim/" in frame.f_code.co_filename.replace("\\", "/")
+            frame = frame.f_back
+        where = "(outside ph_reg)" if frame is None else (
+            f"{frame.f_code.co_filename.rsplit('/ph_reg/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+        host = innermost_torch or (frame is not None and frame.f_code.co_name in self.HOST_SIDE)
+        (self.host_sites if host else self.sites).append(f"{name} at {where}")
+
+    def __enter__(self) -> HostSyncCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _bool_index(args: Sequence[Any]) -> bool:
+    index = args[1] if len(args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)

@@ -161,6 +161,7 @@ def test_run_record_and_alone_equals_inside_default(tmp_path, monkeypatch):
     record = json.loads((project / "data/run_info/__default__.json").read_text())
     assert record["parameters"]["seed"] == 0 and record["packages"]["torch"] and "cuda_available" in record["device"]
     assert record["kedro_env"] == "tiny"
+    assert {"prepare_images", "denoise_teacher", "train_student", "evaluate_zero_shot"} <= set(record["node_seconds"])
     for name in COMPONENTS:  # each alone, in order
         run_session(project, name)
     assert digest() == together

@@ -1,7 +1,8 @@
 """The one no-grad dense forward of the evaluation: a backbone's features of images, in batches, at a precision.
 
 :func:`dense_features` serves the artifact diagnostics and the planted benchmark (normalised or uint8 images in,
-float32 CPU features out); :func:`backbone_features` is one batch of the probe feature cache ([0, 255] crops in,
+float32 CPU features out; :func:`dense_features_with_pre_norm` gives the dense output and the pre-norm tokens of
+one forward); :func:`backbone_features` is one batch of the probe feature cache ([0, 255] crops in,
 patch and CLS features out). Both run :func:`forward` under :func:`ph_reg.runtime.autocast`. The zero-shot harness
 runs a *dense function* instead (a model, its TTA average, ...): :mod:`ph_reg.evaluation.zeroshot.harness`.
 """
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from ph_reg.runtime import DEFAULT_PRECISION, autocast, module_device, normalize
 
-__all__ = ["forward_device", "forward", "dense_features", "center_pad", "backbone_features"]
+__all__ = ["forward_device", "forward", "dense_features", "dense_features_with_pre_norm", "center_pad", "backbone_features"]
 
 
 def forward_device(model: nn.Module) -> torch.device:
@@ -34,6 +35,18 @@ def forward(model: nn.Module, images: Tensor, precision: str, pre_norm: bool = F
         return model.forward_tokens(images, pre_norm=True) if pre_norm else model(images)
 
 
+def _batches(model: nn.Module, images: Tensor, batch_size: int, normalise: bool):
+    """``images`` ``batch_size`` at a time on the model's device (normalised on the CPU first with ``normalise``),
+    the model put in eval mode."""
+    device = forward_device(model)
+    model.eval()
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size]
+        if normalise:
+            batch = normalize(batch, model.mean, model.std)
+        yield batch.to(device)
+
+
 @torch.no_grad()
 def dense_features(model: nn.Module, images: Tensor, *, batch_size: int = 8, precision: str = "auto",
                    pre_norm: bool = False, normalise: bool = False) -> Tensor:
@@ -43,15 +56,22 @@ def dense_features(model: nn.Module, images: Tensor, *, batch_size: int = 8, pre
     and std on the CPU first (:func:`ph_reg.runtime.normalize`); else they are already normalised. ``pre_norm``:
     the pre-norm tokens instead of the dense output. ``precision``: ``evaluation.precision`` (``auto``: bf16 on
     CUDA, fp32 on the CPU)."""
-    device = forward_device(model)
-    model.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size]
-        if normalise:
-            batch = normalize(batch, model.mean, model.std)
-        out.append(forward(model, batch.to(device), precision, pre_norm).patch.float().cpu())
-    return torch.cat(out)
+    return torch.cat([forward(model, batch, precision, pre_norm).patch.float().cpu()
+                      for batch in _batches(model, images, batch_size, normalise)])
+
+
+@torch.no_grad()
+def dense_features_with_pre_norm(model: nn.Module, images: Tensor, *, batch_size: int = 8, precision: str = "auto",
+                                 normalise: bool = False) -> tuple[Tensor, Tensor]:
+    """``(dense_features(...), dense_features(..., pre_norm=True))`` from one forward per batch
+    (``model.forward_with_pre_norm``), bit for bit."""
+    outputs, tokens = [], []
+    for batch in _batches(model, images, batch_size, normalise):
+        with autocast(batch.device, precision):
+            output, pre_norm = model.forward_with_pre_norm(batch)
+        outputs.append(output.patch.float().cpu())
+        tokens.append(pre_norm.patch.float().cpu())
+    return torch.cat(outputs), torch.cat(tokens)
 
 
 def center_pad(images: Tensor, multiple: int) -> Tensor:

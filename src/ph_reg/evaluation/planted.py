@@ -41,7 +41,7 @@ from torch import Tensor
 from ph_reg.method.targets import TeacherDenoisingConfig
 from ph_reg.method.tta import MAX_IMAGES_PER_FORWARD, TTAConfig, TTADenoiser, image_generators
 from ph_reg.evaluation.artifacts import cosine_map, patch_norms, robust_outlier_mask
-from ph_reg.evaluation.features import dense_features
+from ph_reg.evaluation.features import dense_features_with_pre_norm
 from ph_reg.reporting.figures import benchmark_figure
 from ph_reg.reporting.tables import benchmark_markdown
 from ph_reg.runtime import autocast, module_device, normalize
@@ -49,6 +49,7 @@ from ph_reg.runtime import autocast, module_device, normalize
 __all__ = [
     "SourceFeatures",
     "tta_tokens",
+    "tta_features",
     "benchmark_features",
     "adjacent_mask",
     "per_image_outliers",
@@ -75,22 +76,47 @@ def _autocast(device: torch.device):  # the precision of tta_tokens: "auto" (bf1
 
 
 @torch.no_grad()
-def tta_tokens(model: torch.nn.Module, images: Tensor, seed: int, tta: TTAConfig, pre_norm: bool = False,
-               batch_size: int = TeacherDenoisingConfig.batch_size,
-               max_images_per_forward: int = MAX_IMAGES_PER_FORWARD) -> Tensor:
-    """TTA-denoised (B, h, w, C) float32 CPU tokens. Image ``i`` draws its views from ``generator(seed, "tta", 0,
-    i)`` (``image_generators``), the key of the teacher-denoising stage, so that with the same seed and ``tta`` the
-    dense output equals the cached target."""
+def _tta_average(model: torch.nn.Module, features_fn, images: Tensor, seed: int, tta: TTAConfig, batch_size: int,
+                 max_images_per_forward: int) -> Tensor:
+    """``features_fn`` of ``model`` denoised by TTA: (B, h, w, C) float32 CPU; image ``i`` draws its views from
+    ``generator(seed, "tta", 0, i)`` (``image_generators``), the key of the teacher-denoising stage."""
     device = module_device(model)
     model.eval()
-    denoiser = TTADenoiser(lambda x: model.forward_tokens(x, pre_norm=pre_norm).patch, model.patch_size,
-                           model.fill_value().to(device), tta, max_images_per_forward)
+    denoiser = TTADenoiser(features_fn, model.patch_size, model.fill_value().to(device), tta, max_images_per_forward)
     out = []
     for start in range(0, images.shape[0], batch_size):
         indices = list(range(start, min(start + batch_size, images.shape[0])))
         with _autocast(device):
             out.append(denoiser(images[indices].to(device), image_generators(seed, 0, indices)).float().cpu())
     return torch.cat(out)
+
+
+def tta_tokens(model: torch.nn.Module, images: Tensor, seed: int, tta: TTAConfig, pre_norm: bool = False,
+               batch_size: int = TeacherDenoisingConfig.batch_size,
+               max_images_per_forward: int = MAX_IMAGES_PER_FORWARD) -> Tensor:
+    """TTA-denoised (B, h, w, C) float32 CPU tokens. Image ``i`` draws its views from ``generator(seed, "tta", 0,
+    i)`` (``image_generators``), the key of the teacher-denoising stage, so that with the same seed and ``tta`` the
+    dense output equals the cached target."""
+    return _tta_average(model, lambda x: model.forward_tokens(x, pre_norm=pre_norm).patch, images, seed, tta,
+                        batch_size, max_images_per_forward)
+
+
+def tta_features(model: torch.nn.Module, images: Tensor, seed: int, tta: TTAConfig,
+                 batch_size: int = TeacherDenoisingConfig.batch_size,
+                 max_images_per_forward: int = MAX_IMAGES_PER_FORWARD) -> SourceFeatures:
+    """``SourceFeatures(tta_tokens(...), tta_tokens(..., pre_norm=True))`` from one TTA pass: each view's dense
+    output and pre-norm tokens come from one forward (``forward_with_pre_norm``), concatenated on the channels; the
+    un-shift average is per channel, so the two halves split after it equal the two separate passes bit for bit."""
+    channels = []
+
+    def both(x: Tensor) -> Tensor:
+        output, pre_norm = model.forward_with_pre_norm(x)
+        channels.append(output.patch.shape[-1])
+        return torch.cat([output.patch, pre_norm.patch], dim=-1)
+
+    joint = _tta_average(model, both, images, seed, tta, batch_size, max_images_per_forward)
+    split = channels[0]
+    return SourceFeatures(joint[..., :split].contiguous(), joint[..., split:].contiguous())
 
 
 def benchmark_features(models: Mapping[str, torch.nn.Module], clean: torch.nn.Module, teacher: torch.nn.Module,
@@ -103,18 +129,17 @@ def benchmark_features(models: Mapping[str, torch.nn.Module], clean: torch.nn.Mo
     Returns ``(features, reference)``: ``features`` has ``clean``, ``teacher``, ``target`` (the teacher denoised
     with ``tta``) and one entry per model of ``models`` (e.g. students); ``reference`` is the clean model's dense
     output denoised with ``tta`` but ``reference_views`` views (default ``tta.n_views``; the first views are the
-    target's).
+    target's). Each source's dense output and pre-norm tokens come from one forward (one TTA pass for the target).
     """
     reference_tta = tta if reference_views is None else dataclasses.replace(tta, n_views=reference_views)
     common = dict(seed=seed, batch_size=batch_size, max_images_per_forward=max_images_per_forward)
     features = {
-        "clean": SourceFeatures(dense_features(clean, images), dense_features(clean, images, pre_norm=True)),
-        "teacher": SourceFeatures(dense_features(teacher, images), dense_features(teacher, images, pre_norm=True)),
-        "target": SourceFeatures(tta_tokens(teacher, images, tta=tta, **common),
-                                 tta_tokens(teacher, images, tta=tta, pre_norm=True, **common)),
+        "clean": SourceFeatures(*dense_features_with_pre_norm(clean, images)),
+        "teacher": SourceFeatures(*dense_features_with_pre_norm(teacher, images)),
+        "target": tta_features(teacher, images, tta=tta, **common),
     }
     for name, model in models.items():
-        features[name] = SourceFeatures(dense_features(model, images), dense_features(model, images, pre_norm=True))
+        features[name] = SourceFeatures(*dense_features_with_pre_norm(model, images))
     reference = tta_tokens(clean, images, tta=reference_tta, **common)
     return features, reference
 

@@ -159,6 +159,37 @@ class EpochProgress:
                 "skipped": self.skipped, "images": self.images, "flagged": self.flagged}
 
 
+class DeviceStats:
+    """An epoch's running numbers on the device, so that a training step never waits for it: the sums of
+    :class:`EpochTotals` (float64, added in the order the host added them, so the values are the same), the
+    optimizer steps, images and skipped batches, the index of the last skipped batch and the last finite loss.
+    :meth:`read` copies them to the host in one transfer (the only wait)."""
+
+    FIELDS = ("loss", "cosine", "mse", "micro_batches", "steps", "images", "skipped", "last_skipped", "last_loss")
+
+    def __init__(self, progress: EpochProgress, device: torch.device):
+        t = progress.totals
+        start = [t.loss, t.cosine, t.mse, t.micro_batches, progress.steps, progress.images, progress.skipped, -1.0,
+                 progress.last_loss]
+        self.values = torch.tensor(start, dtype=torch.float64, device=device)
+
+    def record(self, ok: torch.Tensor, loss: torch.Tensor, parts: Mapping[str, torch.Tensor], batch_index: int,
+               images: int, stepped: int) -> None:
+        """Count one micro-batch: its loss parts, ``stepped`` optimizer steps and ``images`` when ``ok`` (a device
+        bool), else one skipped batch at ``batch_index``."""
+        v, flag = self.values, ok.to(torch.float64)
+        v[0:3] += torch.where(ok, torch.stack([loss.detach(), parts["cosine"], parts["mse"]]).to(torch.float64), 0.0)
+        v[3] += flag
+        v[4] += flag * float(stepped)
+        v[5] += flag * float(images)
+        v[6] += 1.0 - flag
+        v[7] = torch.where(ok, v[7], float(batch_index))
+        v[8] = torch.where(ok, loss.detach().to(torch.float64), v[8])
+
+    def read(self) -> dict[str, float]:
+        return dict(zip(self.FIELDS, self.values.tolist()))
+
+
 @dataclass
 class TrainState:
     """What a checkpoint carries from one epoch to the next: the epoch to start from, the history rows, the

@@ -51,6 +51,16 @@ def _optional_count(minimum: int, allowed: str) -> dict[str, Any]:
     return {"check": check}
 
 
+#: ``training.compile``: torch.compile modes (``false``: eager).
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def _compile_mode(key: str, value: Any) -> bool | str:
+    if value is not False and value not in COMPILE_MODES:
+        raise ConfigError(key, value, f"false or one of {list(COMPILE_MODES)}")
+    return value
+
+
 def _epoch_numbers(key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in value):
@@ -95,6 +105,11 @@ class DistillConfig:
     snapshot_every: int | None = field(default=None, metadata=_optional_count(
         1, "an integer >= 1, or null for no periodic snapshots"))
     snapshot_epochs: tuple[int, ...] = field(default=(), metadata={"check": _epoch_numbers})
+    # read the device's non-finite flags, loss totals and (DDP) stop request every this many steps (and at every
+    # epoch end): 1 reads every step; more lets the host run ahead of the device (see ph_reg.method.train)
+    sync_every: int = field(default=1, metadata=at_least(1))
+    # torch.compile of the student and the online teacher forward: false, "default" or "reduce-overhead"
+    compile: bool | str = field(default=False, metadata={"check": _compile_mode})
 
     @property
     def world_size(self) -> int:

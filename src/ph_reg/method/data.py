@@ -30,17 +30,24 @@ class TrainItem(NamedTuple):
     Cached mode fills ``target`` (the teacher's denoised tokens); online mode fills ``index`` (the training image
     the teacher denoises during training) and, when the dataset has fallbacks, ``substituted`` (the image was
     replaced by its prepared crop). The fields a dataset does not fill are None in every item and in the batch.
+    In a batch, ``index`` and ``substituted`` are Python lists: host data that never travels to the device.
     """
 
     image: torch.Tensor
     target: torch.Tensor | None = None
-    index: int | torch.Tensor | None = None
-    substituted: bool | torch.Tensor | None = None
+    index: int | list[int] | None = None
+    substituted: bool | list[bool] | None = None
+
+
+#: The fields of a batch kept as Python lists (read by the host, never sent to the device).
+HOST_FIELDS = ("index", "substituted")
 
 
 def collate_items(items: Sequence[TrainItem]) -> TrainItem:
-    """The batch of ``items``: every field the items fill collated by torch's ``default_collate``, the rest None."""
-    return TrainItem(*(None if values[0] is None else default_collate(list(values)) for values in zip(*items)))
+    """The batch of ``items``: the tensors collated by torch's ``default_collate``, :data:`HOST_FIELDS` as
+    lists, the fields the items do not fill None."""
+    return TrainItem(*(None if values[0] is None else list(values) if name in HOST_FIELDS
+                       else default_collate(list(values)) for name, values in zip(TrainItem._fields, zip(*items))))
 
 
 class TargetPairs(Dataset):
@@ -51,10 +58,15 @@ class TargetPairs(Dataset):
     mode, an epoch shows every image once: item ``(epoch, i)`` is crop ``epoch % K`` of image ``i``, so K = 1
     repeats one crop and one view draw every epoch, and a larger K comes closer to the fresh crop and views of every
     step, with the same epochs, optimizer steps and schedule.
+
+    ``raw=True`` yields the stored uint8 image and the target in its stored dtype (4x and, for float16 targets,
+    2x fewer bytes through the loader); :func:`~ph_reg.method.train.distill` then normalises on the device with
+    ``mean``/``std`` and the loss reads the target in float32, the same numbers as ``raw=False``.
     """
 
     def __init__(self, images: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
-                 crops: Sequence[int | Sequence[int]], mean: Sequence[float], std: Sequence[float]):
+                 crops: Sequence[int | Sequence[int]], mean: Sequence[float], std: Sequence[float],
+                 raw: bool = False):
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} prepared images but {len(targets)} teacher targets: rerun teacher_denoising "
                              f"(with student_distillation.targets: cached)")
@@ -62,7 +74,7 @@ class TargetPairs(Dataset):
         self.crops = [list(c) if isinstance(c, Sequence) else [int(c)] for c in crops]
         if not all(self.crops):
             raise ValueError("TargetPairs: every training image needs at least one cached crop")
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.raw = tuple(mean), tuple(std), raw
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -74,8 +86,10 @@ class TargetPairs(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> TrainItem:
         index = self.record(*item)
-        image = normalize(self.images[index]["image"][None], self.mean, self.std)[0]
-        return TrainItem(image, target=self.targets[index]["target"].float())
+        image, target = self.images[index]["image"], self.targets[index]["target"]
+        if self.raw:
+            return TrainItem(image, target=target)
+        return TrainItem(normalize(image[None], self.mean, self.std)[0], target=target.float())
 
 
 class RandomCrops(Dataset):
@@ -85,12 +99,13 @@ class RandomCrops(Dataset):
 
     Images are read during training, so a file may have gone bad since it was prepared. With ``fallbacks`` (one
     loader per image, e.g. its prepared crop) such an image is logged and replaced by its fallback, and items carry
-    ``substituted`` so the training loop can count replacements; without, the error names the file.
+    ``substituted`` so the training loop can count replacements; without, the error names the file. ``raw=True``
+    yields the uint8 crop (normalised on the device by the training loop, as :class:`TargetPairs`).
     """
 
     def __init__(self, loaders: Sequence[Callable[[], Image.Image]], image_size: int, mean: Sequence[float],
                  std: Sequence[float], seed: int, fallbacks: Sequence[Callable[[], Image.Image]] | None = None,
-                 min_side: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                 min_side: int = 1, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, raw: bool = False):
         if not loaders:
             raise ValueError("RandomCrops got no images: check the source and data_preparation.val_fraction")
         if fallbacks is not None and len(fallbacks) != len(loaders):
@@ -98,7 +113,7 @@ class RandomCrops(Dataset):
         self.loaders, self.image_size, self.seed = list(loaders), image_size, seed
         self.fallbacks = list(fallbacks) if fallbacks is not None else None
         self.min_side, self.max_pixels = min_side, max_pixels
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.raw = tuple(mean), tuple(std), raw
 
     def __len__(self) -> int:
         return len(self.loaders)
@@ -124,7 +139,7 @@ class RandomCrops(Dataset):
         image = resize_pil_short_side(source, self.image_size)
         (top, left), = random_square_crops(image, self.image_size, 1, generator(self.seed, "online-crop", epoch, i))
         pixels = to_tensor(image)[:, top : top + self.image_size, left : left + self.image_size]
-        crop = normalize(pixels[None], self.mean, self.std)[0]
+        crop = pixels.contiguous() if self.raw else normalize(pixels[None], self.mean, self.std)[0]
         return TrainItem(crop, index=i, substituted=None if self.fallbacks is None else substituted)
 
 
@@ -164,9 +179,10 @@ class EpochTaggedSampler(Sampler):
 
 
 def training_loader(dataset: Dataset[TrainItem], config: DistillConfig, seed: int, world: int,
-                    rank: int) -> tuple[DataLoader, EpochTaggedSampler, torch.Generator]:
+                    rank: int, pin_memory: bool = False) -> tuple[DataLoader, EpochTaggedSampler, torch.Generator]:
     """The training loader of rank ``rank`` over the epoch-tagged sampler, and the generator its worker seeds come
-    from (reseeded every epoch by the loop)."""
+    from (reseeded every epoch by the loop). ``pin_memory`` (on CUDA): batches in page-locked memory, so their copy
+    to the device does not make the host wait."""
     # drop_last: the sampler gives every rank floor(N / world) images (no padding with repeated ones) and the loader
     # leaves out each rank's last incomplete batch, so every rank runs the same number of full batches
     sampler = EpochTaggedSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -178,7 +194,8 @@ def training_loader(dataset: Dataset[TrainItem], config: DistillConfig, seed: in
     loader_generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0, multiprocessing_context="spawn" if workers > 0 else None,
-                        generator=loader_generator, drop_last=config.drop_last, collate_fn=collate_items)
+                        generator=loader_generator, drop_last=config.drop_last, collate_fn=collate_items,
+                        pin_memory=pin_memory)
     if config.drop_last and len(sampler.sampler) < config.batch_size:
         raise ValueError(f"student_distillation.training.drop_last is true, but the {len(dataset)} training images "
                          f"fill no batch of {config.batch_size} x {world} device(s): every batch would be dropped "

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def distillation_loss(student: torch.Tensor, target: torch.Tensor, mse_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def distillation_loss(student: torch.Tensor, target: torch.Tensor,
+                      mse_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``mean(1 - cos) + mse_weight * mean((student - target)^2)`` over patch tokens, computed in fp32.
 
-    ``student`` and ``target`` are (B, h, w, C); the cosine is taken over C.
+    ``student`` and ``target`` are (B, h, w, C); the cosine is taken over C. The parts (``cosine``, ``mse``) are
+    detached 0-dim tensors on the device: reading them is left to the caller (a read makes the host wait).
     """
     if student.shape != target.shape:
         raise ValueError(f"student features {tuple(student.shape)} and target {tuple(target.shape)} differ in shape")
@@ -26,7 +28,7 @@ def distillation_loss(student: torch.Tensor, target: torch.Tensor, mse_weight: f
     cosine_term = (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
     mse_term = F.mse_loss(s, t)
     loss = cosine_term + mse_weight * mse_term
-    return loss, {"cosine": cosine_term.item(), "mse": mse_term.item()}
+    return loss, {"cosine": cosine_term.detach(), "mse": mse_term.detach()}
 
 
 def lr_after_step(epoch: int, lr: float, lr_end: float, epochs: int) -> float:

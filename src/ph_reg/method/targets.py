@@ -15,7 +15,8 @@ from ph_reg.config import at_least, boolean, one_of
 from ph_reg.config import device as a_device
 from ph_reg.method.tta import MAX_IMAGES_PER_FORWARD, TTAConfig, TTADenoiser, image_generators
 from ph_reg.models import DenseViT
-from ph_reg.runtime import AUTO_PRECISION, DTYPES, Interrupted, autocast, module_device, normalize, stop_on_signals
+from ph_reg.runtime import (AUTO_PRECISION, DTYPES, Interrupted, autocast, module_device, normalization_constants,
+                            normalize, stop_on_signals, to_device)
 
 #: Where the student's targets come from: the teacher_denoising store, or the teacher during training.
 TARGET_MODES = ("cached", "online")
@@ -74,6 +75,7 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
     denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(device), tta,
                            max_images_per_forward)
     teacher.eval()
+    constants = normalization_constants(teacher.mean, teacher.std, device)
     with stop_on_signals() as stop:
         for first in tqdm(range(0, len(order), batch_size), desc="teacher TTA", disable=not progress):
             batch_indices = order[first : first + batch_size]
@@ -81,8 +83,8 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
                 raise Interrupted(
                     f"teacher denoising stopped by {stop.name} before image {batch_indices[0]} of {len(images)}: "
                     f"the finished shards are kept, and the next run continues from the first missing one")
-            batch = normalize(torch.stack([images[i]["image"] for i in batch_indices]), teacher.mean,
-                              teacher.std).to(device)
+            # uint8 to the device (4x fewer bytes than float32), normalised there
+            batch = normalize(to_device(torch.stack([images[i]["image"] for i in batch_indices]), device), *constants)
             with torch.no_grad(), autocast(device, AUTO_PRECISION):
                 targets = denoiser(batch, image_generators(seed, 0, batch_indices))
             for index, target in zip(batch_indices, targets.float().cpu()):
@@ -103,15 +105,33 @@ class OnlineTargets:
         self.teacher = teacher.eval().requires_grad_(False)
         self.seed = seed
         self.tta, self.max_images_per_forward = tta, max_images_per_forward
+        self.forward: nn.Module = self.teacher  # torch.compile'd by compile()
+        self._denoiser: TTADenoiser | None = None  # built once per device (its fill value lives there)
 
     def to(self, device: torch.device) -> "OnlineTargets":
         self.teacher.to(device)
+        self._denoiser = None
         return self
+
+    def compile(self, mode: str | None = None) -> "OnlineTargets":
+        """Run the teacher's forward under ``torch.compile`` (``mode``: None for the default, or e.g.
+        "reduce-overhead"); the weights stay those of ``teacher``."""
+        self.forward = torch.compile(self.teacher, mode=mode)  # type: ignore[assignment]
+        self._denoiser = None
+        return self
+
+    def denoiser(self, device: torch.device) -> TTADenoiser:
+        if self._denoiser is None or self._denoiser.fill.device != device:
+            forward = self.forward
+            self._denoiser = TTADenoiser(lambda x: forward(x).patch, self.teacher.patch_size,
+                                         self.teacher.fill_value().to(device), self.tta, self.max_images_per_forward)
+        return self._denoiser
+
+    def __getstate__(self) -> dict:  # spawned DDP ranks rebuild the denoiser (and any compiled forward) themselves
+        return {**self.__dict__, "forward": self.teacher, "_denoiser": None}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, epoch: int, indices: Sequence[int]) -> torch.Tensor:
-        teacher = self.teacher
-        denoiser = TTADenoiser(lambda x: teacher(x).patch, teacher.patch_size, teacher.fill_value().to(images.device),
-                               self.tta, self.max_images_per_forward)
+        denoiser = self.denoiser(images.device)
         with autocast(images.device, AUTO_PRECISION):
             return denoiser(images, image_generators(self.seed, epoch, indices)).float()

@@ -1,5 +1,5 @@
 """Student distillation: :func:`distill`, its Lightning Fabric and the training loop in small steps (restore, run
-an epoch, train a batch, optimizer step, end an epoch, checkpoint).
+an epoch, end an epoch, checkpoint); one training step (and the run state it reads) is in :mod:`ph_reg.method.step`.
 
 The configuration is :class:`~ph_reg.method.config.DistillConfig`; the loss, the schedule and the parameter
 groups are in :mod:`ph_reg.method.loss`, the datasets and the batch item :class:`~ph_reg.method.data.TrainItem` in
@@ -19,8 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +30,15 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ph_reg.config import from_mapping
-from ph_reg.method.checkpoint import (CHECKPOINT_NAME, EpochProgress, EpochTotals, TrainState, check_resume,
-                                      last_step_epoch, rng_state, run_settings, save_checkpoint, set_rng_state)
-from ph_reg.method.data import EpochTaggedSampler, TrainItem, training_loader
-from ph_reg.method.loss import distillation_loss, lr_after_step, parameter_groups
+from ph_reg.method.checkpoint import (CHECKPOINT_NAME, DeviceStats, EpochProgress, EpochTotals, TrainState,
+                                      check_resume, last_step_epoch, rng_state, run_settings, save_checkpoint,
+                                      set_rng_state)
 from ph_reg.method.config import TRAINING_PREFIX, DistillConfig
-from ph_reg.runtime import Interrupted, StopRequest, derive_seed, stop_on_signals
+from ph_reg.method.data import TrainItem, training_loader
+from ph_reg.method.loss import parameter_groups
+from ph_reg.method.step import (NonFiniteBatchesError, Run, WeightsFn, _optimizer_step, _read_stats, _set_lr,
+                                _train_batch)
+from ph_reg.runtime import Interrupted, StopRequest, derive_seed, normalization_constants, stop_on_signals
 
 if TYPE_CHECKING:
     from lightning_fabric import Fabric
@@ -44,16 +46,17 @@ if TYPE_CHECKING:
     from ph_reg.method.student import StudentSnapshots
     from ph_reg.method.targets import OnlineTargets
 
+__all__ = ["FUSED_ON_CPU", "NonFiniteBatchesError", "TrainingInterrupted", "distill", "make_fabric",
+           "unused_trainable"]
 log = logging.getLogger(__name__)
-WeightsFn = Callable[[nn.Module], dict[str, torch.Tensor]]
+#: A deferred run (``sync_every > 1``) on CUDA uses the fused AdamW, whose kernel skips the whole update (weights,
+#: moments, step counters) when its ``found_inf`` flag is set, all on the device; on the CPU the update is masked
+#: with ``torch.where`` so that the numbers stay those of the default AdamW. Tests set this to run the fused path.
+FUSED_ON_CPU = False
 
 
 class TrainingInterrupted(Interrupted):
     """Training stopped on SIGINT/SIGTERM; the checkpoint holds the exact position (see ``resume``)."""
-
-
-class NonFiniteBatchesError(FloatingPointError):
-    """More batches than ``max_nonfinite_batches`` had a non-finite student output, target or loss."""
 
 
 def _launched_externally() -> bool:
@@ -61,15 +64,16 @@ def _launched_externally() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def make_fabric(config: DistillConfig) -> Fabric:
+def make_fabric(config: DistillConfig, find_unused_parameters: bool = True) -> Fabric:
     """Lightning Fabric for the run: one device, or DDP spawned from inside the Kedro node, or DDP under
-    torchrun/SLURM. Unused trainable parameters (e.g. the MLP of a MaskCLIP last block) are allowed."""
+    torchrun/SLURM. DDP looks for unused trainable parameters (e.g. the MLP of a MaskCLIP last block) only when
+    ``find_unused_parameters`` (:func:`unused_trainable` found some): the search costs a graph walk every step."""
     from lightning_fabric import Fabric
     from lightning_fabric.strategies import DDPStrategy
 
     strategy: Any = config.strategy
     if strategy == "auto" and (config.world_size > 1 or _launched_externally()):
-        strategy = DDPStrategy(find_unused_parameters=True,
+        strategy = DDPStrategy(find_unused_parameters=find_unused_parameters,
                                **({} if _launched_externally() else {"start_method": "spawn"}))
     return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                   strategy=strategy, precision=config.resolved_precision())
@@ -106,7 +110,12 @@ def distill(student: nn.Module, dataset: Dataset[TrainItem], config: DistillConf
 
     state_fn = state_fn or trainable_state_dict
     load_state_fn = load_state_fn or load_trainable_state_dict
-    fabric = make_fabric(config)
+    unused = unused_trainable(student, dataset) if config.world_size > 1 or _launched_externally() else []
+    if unused:
+        log.info("DDP with find_unused_parameters=True: these trainable parameters get no gradient from the "
+                 "student's output (leave them out of student_distillation.trainable to skip the search): %s",
+                 ", ".join(unused))
+    fabric = make_fabric(config, find_unused_parameters=bool(unused))
     # the config travels as a dict: Lightning's spawn launcher refuses frozen dataclasses among the arguments
     external = _launched_externally()
     spawn = getattr(fabric.strategy, "launcher", None) is not None and not external
@@ -122,43 +131,16 @@ def distill(student: nn.Module, dataset: Dataset[TrainItem], config: DistillConf
     return history
 
 
-# --- the state of a run ------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """What every part of the loop reads: built once in each process by :func:`_train`."""
-
-    fabric: Fabric
-    config: DistillConfig
-    student: nn.Module           # the caller's module (its state is what checkpoints save)
-    model: nn.Module             # the same module set up by Fabric
-    optimizer: torch.optim.Optimizer
-    loader: Any                  # Fabric's DataLoader over ``sampler``
-    sampler: EpochTaggedSampler
-    loader_generator: torch.Generator
-    seed: int
-    checkpoint: Path | None
-    state_fn: WeightsFn
-    recorded: dict[str, Any]     # run_settings of this run, saved in every checkpoint
-    online_targets: OnlineTargets | None
-    progress: bool
-    snapshots: StudentSnapshots | None
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None
-
-    @property
-    def world(self) -> int:
-        return self.fabric.world_size
-
-    def agreed(self, flag: bool) -> bool:
-        """``flag`` on any rank."""
-        if self.world == 1:
-            return flag
-        return bool(self.fabric.all_reduce(torch.tensor(float(flag), device=self.fabric.device), reduce_op="sum") > 0)
-
-    def barrier_after(self, on_rank_zero: Callable[[], Any]) -> None:
-        if self.fabric.is_global_zero:
-            on_rank_zero()
-        self.fabric.barrier()
+def unused_trainable(student: nn.Module, dataset: Dataset[TrainItem]) -> list[str]:
+    """The trainable parameters of ``student`` that get no gradient from its dense output on the first training
+    image (one forward and backward on the CPU, the random state left as it was)."""
+    image = dataset[(0, 0)].image[None].float()  # the values do not matter, only the graph
+    with torch.random.fork_rng(devices=[]):
+        student.zero_grad(set_to_none=True)
+        student(image.to(next(student.parameters()).device)).patch.float().sum().backward()
+    unused = [name for name, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    student.zero_grad(set_to_none=True)
+    return unused
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
@@ -176,20 +158,27 @@ def _train(fabric: Fabric, student: nn.Module, dataset: Dataset[TrainItem], conf
     if fabric.is_global_zero:
         log.info("distillation: global batch size %d = %d per device x %d devices x %d accumulated micro-batches",
                  config.global_batch_size, config.batch_size, config.world_size, config.accumulate_grad_batches)
+    cuda = fabric.device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(student, config.weight_decay, config.weight_decay_exempt),
-                                  lr=config.lr, betas=config.betas)
+                                  lr=config.lr, betas=config.betas,
+                                  **({"fused": True} if (cuda and config.sync_every > 1) or FUSED_ON_CPU else {}))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     state = _restore(fabric, config, student, optimizer, checkpoint, recorded, load_state_fn)
-    model, optimizer = fabric.setup(student, optimizer)
+    model, optimizer = fabric.setup(_compiled(student, config.compile), optimizer)
     if online_targets is not None:
         online_targets.to(fabric.device)
+        if config.compile:
+            online_targets.compile(None if config.compile == "default" else config.compile)
     loader, sampler, loader_generator = training_loader(dataset, config, seed, fabric.world_size,
-                                                        fabric.global_rank)
+                                                        fabric.global_rank, pin_memory=cuda)
     run = Run(fabric, config, student, model, optimizer, loader, sampler, loader_generator, seed, checkpoint,
               state_fn, recorded, online_targets, progress, snapshots, on_epoch_end)
+    if getattr(dataset, "raw", False):  # uint8 images: normalised on the device, with constants built once
+        run.normalization = normalization_constants(dataset.mean, dataset.std, fabric.device)  # type: ignore
     if snapshots is not None and state.start_epoch == 0 and state.position is None:  # a fresh run: no stale ones
         run.barrier_after(snapshots.clear)
-    run.loader = fabric.setup_dataloaders(run.loader, use_distributed_sampler=False)
+    # the batches are moved by _inputs: images and targets without a wait, indices and flags left on the host
+    run.loader = fabric.setup_dataloaders(run.loader, use_distributed_sampler=False, move_to_device=False)
     model.train()
     with stop_on_signals() as stop:
         for epoch in range(state.start_epoch, config.epochs):
@@ -202,13 +191,11 @@ def _train(fabric: Fabric, student: nn.Module, dataset: Dataset[TrainItem], conf
     return (safetensors.torch.save(weights) if spawned else weights), state.history
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, config: DistillConfig, last_step_epoch: int | None) -> None:
-    """The release's schedule: set after every optimizer step, so the rate of the next step follows from the epoch
-    of the last one (``config.lr`` before the first step of the run)."""
-    value = (config.lr if last_step_epoch is None
-             else lr_after_step(last_step_epoch, config.lr, config.lr_end, config.epochs))
-    for group in optimizer.param_groups:
-        group["lr"] = value
+def _compiled(student: nn.Module, mode: bool | str) -> nn.Module:
+    """``student`` under ``torch.compile`` (``training.compile``: "default" or "reduce-overhead"), or as it is."""
+    if not mode:
+        return student
+    return torch.compile(student, mode=None if mode == "default" else mode)  # type: ignore[return-value]
 
 
 def _restore(fabric: Fabric, config: DistillConfig, student: nn.Module, optimizer: torch.optim.Optimizer,
@@ -248,6 +235,7 @@ def _start_epoch(run: Run, state: TrainState, epoch: int) -> EpochProgress:
         progress.steps, progress.skipped, progress.images = resumed["steps"], resumed["skipped"], resumed["images"]
     progress.flagged = bool(resumed and resumed.get("flagged"))
     progress.mark_boundary(offset)
+    run.stats, run.since_read = DeviceStats(progress, run.fabric.device), 0
     return progress
 
 
@@ -274,12 +262,12 @@ def _run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest) -> Ep
         local_index += 1
         batch_index = progress.batch + local_index
         last = local_index == len(run.loader) - 1
-        if _train_batch(run, state, progress, batch, batch_index, last):
+        if _train_batch(run, state, progress, batch, batch_index, last):  # the host read the device's numbers
             bar.set_postfix(loss=f"{progress.last_loss:.4f}",
                             img_s=f"{progress.images / (time.perf_counter() - started):.1f}")
         if progress.pending == 0:
-            progress.mark_boundary(batch_index + 1)
-            if not last and run.agreed(stop.requested):
+            progress.mark_boundary(batch_index + 1)  # deferred: numbers as of the last read (_stop_mid_epoch renews)
+            if not last and (run.world == 1 or run.since_read == 0) and run.agreed(stop.requested):
                 stopped = True
                 break
     if stopped:
@@ -287,78 +275,12 @@ def _run_epoch(run: Run, state: TrainState, epoch: int, stop: StopRequest) -> Ep
     return progress
 
 
-def _train_batch(run: Run, state: TrainState, progress: EpochProgress, batch: TrainItem, batch_index: int,
-                 last: bool) -> bool:
-    """Forward, loss and backward of one micro-batch, and the optimizer step when it completes the accumulation
-    or the epoch; False when the batch was skipped as non-finite."""
-    config, world = run.config, run.world
-    if batch.substituted is not None:  # online crops report images replaced by their prepared crop
-        progress.flagged = True
-        progress.totals.substituted += float(batch.substituted.sum())
-    targets = _targets(run, batch, progress.epoch)
-    output = run.model(batch.image).patch
-    loss, parts = distillation_loss(output, targets, config.mse_weight)
-    finite = _all_finite(output.detach(), targets, loss.detach())
-    if world > 1:
-        finite = bool(run.fabric.all_reduce(torch.tensor(float(finite), device=run.fabric.device),
-                                            reduce_op="sum") == world)
-    if not finite:
-        _skip_batch(run, state, progress, batch_index)
-        return False
-    progress.pending += 1
-    sync = progress.pending == config.accumulate_grad_batches or last
-    with run.fabric.no_backward_sync(run.model, enabled=not sync) if world > 1 else nullcontext():
-        run.fabric.backward(loss / config.accumulate_grad_batches)
-    if sync:
-        _optimizer_step(run, progress.epoch)
-        progress.steps, progress.pending = progress.steps + 1, 0
-    progress.images += batch.image.shape[0] * world
-    progress.last_loss = loss.item()
-    progress.totals.add(progress.last_loss, parts["cosine"], parts["mse"])
-    return True
-
-
-def _targets(run: Run, batch: TrainItem, epoch: int) -> torch.Tensor:
-    """The batch's targets: the cached ones, or the teacher's denoising of its images (online mode)."""
-    if run.online_targets is not None:
-        if batch.index is None:
-            raise ValueError("online targets need items with an index (TrainItem(image, index=i), as RandomCrops "
-                             "yields)")
-        return run.online_targets(batch.image, epoch, batch.index.tolist())
-    if batch.target is None:
-        raise ValueError("the dataset yields no targets (TrainItem.target): pass online_targets for online mode")
-    return batch.target
-
-
-def _all_finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _skip_batch(run: Run, state: TrainState, progress: EpochProgress, batch_index: int) -> None:
-    """Count a non-finite batch; abort the run when there are more than ``max_nonfinite_batches``."""
-    progress.skipped += 1
-    state.nonfinite_total += 1
-    limit = run.config.max_nonfinite_batches
-    if limit is not None and state.nonfinite_total > limit:
-        raise NonFiniteBatchesError(
-            f"aborting distillation: {state.nonfinite_total} batches had a non-finite (NaN or inf) student "
-            f"output, target or loss, more than student_distillation.training.max_nonfinite_batches="
-            f"{limit} (the last at epoch {progress.epoch + 1}, batch {batch_index + 1}). Lower the learning "
-            f"rate, use 32-true precision, or check the teacher targets; the last checkpoint "
-            f"({run.checkpoint}) is intact")
-    log.warning("skipping non-finite batch %d of epoch %d (%d so far)", batch_index + 1, progress.epoch + 1,
-                state.nonfinite_total)
-
-
-def _optimizer_step(run: Run, epoch: int) -> None:
-    """The optimizer step, the schedule's rate for the next one, and the gradients cleared."""
-    run.optimizer.step()
-    _set_lr(run.optimizer, run.config, epoch)
-    run.optimizer.zero_grad(set_to_none=True)
-
-
 def _stop_mid_epoch(run: Run, state: TrainState, progress: EpochProgress, signal_name: str) -> None:
     """Go back to the epoch's last optimizer step, save that position and raise :class:`TrainingInterrupted`."""
+    if run.deferred and run.since_read:  # the boundary was marked with the numbers of the last read: renew it
+        assert progress.at_boundary is not None and progress.pending == 0
+        _read_stats(run, state, progress)
+        progress.mark_boundary(progress.at_boundary.batch)
     if progress.pending:  # a worker failed mid-accumulation: go back to the last optimizer step
         run.optimizer.zero_grad(set_to_none=True)
     at = progress.at_boundary
@@ -394,6 +316,8 @@ def _end_epoch(run: Run, state: TrainState, progress: EpochProgress, stop: StopR
     """Finish the epoch: the step its last micro-batches wait for, its history row, the snapshot, the checkpoint,
     ``on_epoch_end``, and a stop when one was requested during it."""
     config, epoch = run.config, progress.epoch
+    if run.since_read:  # an epoch that stopped early on a deferred step (a read is due at its last batch)
+        _read_stats(run, state, progress)
     if progress.pending:  # the epoch ended on skipped batches after unsynchronised backward passes
         for param in (p for p in run.student.parameters() if p.requires_grad):
             if param.grad is not None and run.world > 1:

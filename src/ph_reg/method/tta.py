@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ph_reg.config import at_least, number_in
 from ph_reg.runtime import generator as seeded_generator
+from ph_reg.runtime import to_device
 
 __all__ = [
     "MAX_IMAGES_PER_FORWARD",
@@ -176,7 +177,7 @@ def _shift_flip(x: Tensor, views: TTAViews, step: int, fill: Tensor) -> Tensor:
     offsets, flips = views.view_major(n_img)
     n_views = offsets.shape[0]
     pad = int(offsets.abs().max()) * step
-    offsets, flips = offsets.to(x.device), flips.to(x.device)
+    offsets, flips = to_device(offsets, x.device), to_device(flips, x.device)  # the host does not wait
     # (B, H + 2 pad, C, W + 2 pad): rows first, so one index_select over (image, row) picks the rows of every view
     padded = fill.to(x).view(1, 1, channels, 1).expand(n_img, height + 2 * pad, channels, width + 2 * pad).clone()
     padded[:, pad:pad + height, :, pad:pad + width] = x.transpose(1, 2)
@@ -252,10 +253,11 @@ def unshift_average(features: Tensor, grids: Tensor) -> Tensor:
 
     acc_dtype = torch.promote_types(features.dtype, torch.float32)
     acc = torch.zeros(batch * (n_patches + 1), channels, dtype=acc_dtype, device=features.device)
-    acc.index_add_(0, slots.reshape(-1).to(features.device), features.reshape(-1, channels).to(acc_dtype))
+    # the index is built on the host and copied without a wait: the next work is queued behind the teacher forward
+    acc.index_add_(0, to_device(slots.reshape(-1), features.device), features.reshape(-1, channels).to(acc_dtype))
 
     acc = acc.view(batch, n_patches + 1, channels)[:, :n_patches]
-    mean = acc / counts.to(features.device, acc_dtype).view(batch, n_patches, 1)
+    mean = acc / to_device(counts, features.device).to(acc_dtype).view(batch, n_patches, 1)
     return mean.view(batch, h, w, channels).to(features.dtype)
 
 

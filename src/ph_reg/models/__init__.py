@@ -2,7 +2,8 @@
 
 ``backbone`` (the config, the DenseViT base class with its registers and trainable groups, the trainable state
 dicts), ``open_clip`` and ``timm`` (the two families), ``factory`` (``build_backbone``: the family registry),
-``pos_embed`` (positional-embedding resizing), ``clip_heads`` (the CLIP dense heads), ``implant`` (planted artifacts).
+``pos_embed`` (positional-embedding resizing), ``clip_heads`` (the CLIP dense heads), ``implant`` (planted artifacts),
+``test_time_registers`` (register-neuron detection and test-time registers, Jiang et al. 2025).
 """
 
 from ph_reg.models.backbone import (
@@ -17,6 +18,8 @@ from ph_reg.models.backbone import (
 from ph_reg.models.clip_heads import CLIP_HEADS, NACLIP_SIGMA, naclip_omega
 from ph_reg.models.factory import build_backbone, clean_copy
 from ph_reg.models.pos_embed import POS_EMBED_INTERP, resize_pos_embed
+from ph_reg.models.test_time_registers import (RegisterNeuron, TestTimeRegistersConfig, attach_test_time_registers,
+                                               detach_test_time_registers, detect_register_neurons)
 
 __all__ = [
     "CLIP_HEADS",
@@ -24,11 +27,16 @@ __all__ = [
     "NACLIP_SIGMA",
     "POS_EMBED_INTERP",
     "BackboneConfig",
+    "RegisterNeuron",
+    "TestTimeRegistersConfig",
     "DenseOutput",
     "DenseViT",
     "WeightsUnavailableError",
+    "attach_test_time_registers",
     "build_backbone",
     "clean_copy",
+    "detach_test_time_registers",
+    "detect_register_neurons",
     "load_trainable_state_dict",
     "naclip_omega",
     "resize_pos_embed",

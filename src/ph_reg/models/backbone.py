@@ -134,6 +134,16 @@ class DenseOutput(NamedTuple):
     cls: Tensor  # (B, C)
 
 
+class MlpSite(NamedTuple):
+    """Where a block's MLP can be read and changed (forward hooks): ``act`` outputs the hidden activations (after the
+    nonlinearity, before the output projection ``proj``), ``hidden`` of them per token, implant units included."""
+
+    block: nn.Module
+    act: nn.Module
+    proj: nn.Module
+    hidden: int
+
+
 class DenseViT(nn.Module):
     """Base class: registers, normalisation, trainable groups. Subclasses implement the family's forward."""
 
@@ -155,6 +165,9 @@ class DenseViT(nn.Module):
         self.implant = None
         if config.implant is not None:
             self.implant = ArtifactImplant(ImplantConfig.from_dict(config.implant), width, self._blocks_prefix()[1])
+            if self.implant.neuron_mode:
+                self.implant.install(self._mlp_site(self.implant.block))
+        self.test_time_registers = None  # set by ph_reg.models.test_time_registers.attach_test_time_registers
         self.requires_grad_(False)
 
     @property
@@ -164,6 +177,37 @@ class DenseViT(nn.Module):
     @property
     def num_registers(self) -> int:
         return self.config.num_registers
+
+    @property
+    def num_test_time_registers(self) -> int:
+        """The number of zero test-time registers the forward appends (0 unless attached)."""
+        return 0 if self.test_time_registers is None else self.test_time_registers.num_registers
+
+    def _add_test_time_registers(self, x: Tensor, front: bool) -> Tensor:
+        """``x`` (B, N, D) with the zero test-time registers in front or at the end; ``x`` itself when none."""
+        count = self.num_test_time_registers
+        if count == 0:
+            return x
+        zeros = x.new_zeros(x.shape[0], count, x.shape[-1])
+        return torch.cat([zeros, x] if front else [x, zeros], dim=1)
+
+    def mlp_site(self, index: int) -> MlpSite:
+        """The MLP hook points of block ``index`` (0-based), implant units counted in ``hidden``."""
+        site = self._mlp_site(index)
+        if self.implant is not None and self.implant.neuron_mode and index == self.implant.block:
+            site = site._replace(hidden=site.hidden + self.implant.config.neurons)
+        return site
+
+    def _mlp_site(self, index: int) -> MlpSite:
+        raise NotImplementedError
+
+    def runs_block(self, index: int, mlp: bool = False) -> bool:
+        """Whether the forward runs block ``index`` as a block (``mlp``: whether it runs the block's MLP)."""
+        return True
+
+    def token_layout(self, num_tokens: int) -> tuple[slice, slice]:
+        """(test-time registers, patch tokens) of a sequence of ``num_tokens`` tokens inside the blocks."""
+        raise NotImplementedError
 
     def fill_value(self) -> Tensor:
         """(3,) value of a white pixel in the model's input normalisation: ``(1 - mean) / std``."""
@@ -195,6 +239,11 @@ class DenseViT(nn.Module):
         norms, and so high-norm artifacts, are visible only here: the final LayerNorm equalises them."""
         return self._forward_dense(images, self._checked_grid(images), pre_norm=pre_norm)
 
+    def forward_with_pre_norm(self, images: Tensor) -> tuple[DenseOutput, DenseOutput]:
+        """``(forward(images), forward_tokens(images, pre_norm=True))`` from one forward, bit for bit: the dense
+        output is computed from the pre-norm state, so both come out of the same pass."""
+        return self._forward_dense(images, self._checked_grid(images), with_pre_norm=True)
+
     def planted_mask(self, images: Tensor) -> Tensor:
         """The implant's ground-truth artifact mask (B, h, w) bool for normalised images (see ph_reg.models.implant)."""
         if self.implant is None:
@@ -202,7 +251,9 @@ class DenseViT(nn.Module):
         self._checked_grid(images)
         return self.implant.select(images, self.patch_size)
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False,
+                       with_pre_norm: bool = False) -> DenseOutput | tuple[DenseOutput, DenseOutput]:
+        """The dense output (``pre_norm``: the pre-norm tokens); ``with_pre_norm``: that and the pre-norm tokens."""
         raise NotImplementedError
 
     def _attention_dtype(self, x: Tensor) -> torch.dtype:

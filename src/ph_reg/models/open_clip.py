@@ -15,17 +15,20 @@ from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ph_reg.models.backbone import (HF_HUB_PREFIX, BackboneConfig, DenseOutput, DenseViT, checked_config,
+from ph_reg.models.backbone import (HF_HUB_PREFIX, BackboneConfig, DenseOutput, DenseViT, MlpSite, checked_config,
                                     weights_unavailable)
 from ph_reg.models.clip_heads import CLIP_HEADS
 from ph_reg.models.pos_embed import OFFICIAL_SCALE_OFFSET, resize_pos_embed
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+#: the heads that run the last block's MLP (the others replace the last block by a readout without it)
+HEADS_WITH_LAST_MLP = ("vanilla", "maskclip_official", "sclip")
 open_clip.add_model_config(ARCHITECTURES_DIR)  # makes "open_clip:ph-reg-tiny-ViT-16" available
 
 
 class OpenClipDenseViT(DenseViT):
-    """open_clip CLIP vision tower; tokens ``[CLS, patches, registers]``; last block replaced by the head."""
+    """open_clip CLIP vision tower; tokens ``[CLS, patches, registers, test-time registers]``; last block replaced by
+    the head."""
 
     def __init__(self, config: BackboneConfig, vit: OpenClipVisionTransformer):
         _check_open_clip_tower(config, vit)
@@ -56,17 +59,19 @@ class OpenClipDenseViT(DenseViT):
         ``vit.grid_size``) at its own grid, else that table resized once by ``config.pos_embed_interp``."""
         return self._resize_pos_embed(self.vit.positional_embedding, tuple(self.vit.grid_size), tuple(grid))
 
-    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: Tensor, attn_mask: Tensor | None = None,
+                    allow_checkpoint: bool = True) -> Tensor:
         transformer = self.vit.transformer
+        use_checkpoint = allow_checkpoint and transformer.grad_checkpointing and torch.is_grad_enabled()
         if not transformer.batch_first:
             x = x.transpose(0, 1)
         for block in blocks:
             if attn_mask is not None:
-                if transformer.grad_checkpointing and torch.is_grad_enabled():
+                if use_checkpoint:
                     x = checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
                 else:
                     x = block(x, attn_mask=attn_mask)
-            elif transformer.grad_checkpointing and torch.is_grad_enabled():
+            elif use_checkpoint:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -75,20 +80,23 @@ class OpenClipDenseViT(DenseViT):
     def _run_implanted(self, blocks: Sequence[nn.Module], x: Tensor, images: Tensor) -> Tensor:
         """Run ``blocks`` with the implant: plant after block ``implant.block``, attention sinks afterwards."""
         implant = self.implant
-        x = self._run_blocks(blocks[:implant.block + 1], x)
         mask = implant.select(images, self.patch_size)
+        with implant.writing(mask, patch_start=1) as write:  # neuron mode: the implant block is not checkpointed
+            x = self._run_blocks(blocks[:implant.block + 1], x, allow_checkpoint=not implant.neuron_mode)
         x = implant.plant(x, mask, patch_start=1)
-        bias = implant.attention_bias(mask, x.shape[1], patch_start=1).to(self._attention_dtype(x))
+        bias = implant.attention_bias(mask, x.shape[1], patch_start=1, sinks=write.sinks).to(self._attention_dtype(x))
         heads = blocks[0].attn.num_heads
         return self._run_blocks(blocks[implant.block + 1:], x, attn_mask=bias.repeat_interleave(heads, dim=0))
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False,
+                       with_pre_norm: bool = False) -> DenseOutput | tuple[DenseOutput, DenseOutput]:
         vit = self.vit
         x = vit.conv1(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
         cls_token = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls_token, x], dim=1) + self.pos_embed(grid).to(x.dtype)
         if self.registers is not None:
             x = torch.cat([x, self._expand_registers(x)], dim=1)
+        x = self._add_test_time_registers(x, front=False)
         x = vit.ln_pre(x)
         blocks = vit.transformer.resblocks
         full_blocks = blocks if self.head == "vanilla" else blocks[:-1]
@@ -99,17 +107,42 @@ class OpenClipDenseViT(DenseViT):
         if pre_norm:
             y = x
         else:
-            y = x if self.head == "vanilla" else CLIP_HEADS[self.head](blocks[-1], x, grid=grid,
-                                                                         num_registers=self.num_registers)
+            extra = self.num_registers + self.num_test_time_registers  # tokens after the patches
+            y = x if self.head == "vanilla" else CLIP_HEADS[self.head](blocks[-1], x, grid=grid, num_registers=extra)
             y = vit.ln_post(y)
             if vit.proj is not None:
                 y = y @ vit.proj
+        return (self._dense(y, grid), self._dense(x, grid)) if with_pre_norm else self._dense(y, grid)
+
+    @staticmethod
+    def _dense(y: Tensor, grid: tuple[int, int]) -> DenseOutput:
+        """The patch and CLS tokens of a sequence ``y`` (B, N, D)."""
         num_patches = grid[0] * grid[1]
         patch = y[:, 1:1 + num_patches].reshape(y.shape[0], *grid, y.shape[-1])
         return DenseOutput(patch=patch, cls=y[:, 0])
 
     def _blocks_prefix(self) -> tuple[str, int]:
         return "vit.transformer.resblocks", len(self.vit.transformer.resblocks)
+
+    def _mlp_site(self, index: int) -> MlpSite:
+        block = self.vit.transformer.resblocks[index]
+        mlp = getattr(block, "mlp", None)
+        if not all(hasattr(mlp, name) for name in ("c_fc", "gelu", "c_proj")):
+            raise ValueError(f"{self.config.arch}: block {index} has no c_fc -> gelu -> c_proj MLP to hook")
+        if not self.vit.transformer.batch_first:
+            raise ValueError(f"{self.config.arch}: MLP hooks need a batch-first transformer")
+        return MlpSite(block, mlp.gelu, mlp.c_proj, mlp.c_fc.out_features)
+
+    def runs_block(self, index: int, mlp: bool = False) -> bool:
+        depth = len(self.vit.transformer.resblocks)
+        if index % depth < depth - 1 or self.head == "vanilla":
+            return True
+        return mlp and self.head in HEADS_WITH_LAST_MLP
+
+    def token_layout(self, num_tokens: int) -> tuple[slice, slice]:
+        extra = self.num_test_time_registers
+        return (slice(num_tokens - extra, num_tokens),
+                slice(1, num_tokens - extra - self.num_registers))
 
     def _named_groups(self) -> dict[str, list[str]]:
         return {"registers": ["registers"], "pos_embed": ["vit.positional_embedding"], "patch_embed": ["vit.conv1.*"]}

@@ -10,18 +10,20 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import GluMlp
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ph_reg.models.backbone import BackboneConfig, DenseOutput, DenseViT, weights_unavailable
+from ph_reg.models.backbone import BackboneConfig, DenseOutput, DenseViT, MlpSite, weights_unavailable
 from ph_reg.models.pos_embed import resize_pos_embed
 
 RESERVED_TIMM_KWARGS = ("pretrained", "pretrained_cfg_overlay", "img_size", "dynamic_img_size")
 
 
 class TimmDenseViT(DenseViT):
-    """timm VisionTransformer; tokens ``[registers, CLS, (native reg tokens), patches]``; final norm output."""
+    """timm VisionTransformer; tokens ``[test-time registers, registers, CLS, (native reg tokens), patches]``; final
+    norm output."""
 
     def __init__(self, config: BackboneConfig, vit: TimmVisionTransformer):
         if not isinstance(vit, TimmVisionTransformer):
@@ -37,6 +39,9 @@ class TimmDenseViT(DenseViT):
         if self.implant is not None and any("attn_mask" not in inspect.signature(b.forward).parameters
                                             for b in vit.blocks):
             raise ValueError(f"{config.arch}: the implant needs blocks whose forward accepts attn_mask")
+        if self.implant is not None and self.implant.neuron_mode and not isinstance(
+                vit.blocks[self.implant.block].mlp.norm, nn.Identity):
+            raise ValueError(f"{config.arch}: the implant's neuron mode needs an MLP without a hidden norm")
 
     def _run_implanted(self, x: Tensor, images: Tensor, grid: tuple[int, int]) -> Tensor:
         """All blocks with the implant: plant after block ``implant.block``, attention sinks afterwards."""
@@ -44,16 +49,18 @@ class TimmDenseViT(DenseViT):
         use_checkpoint = self.vit.grad_checkpointing and torch.is_grad_enabled()
         patch_start = x.shape[1] - grid[0] * grid[1]
         bias = None
-        for index, block in enumerate(blocks):
-            if use_checkpoint:
-                x = checkpoint(block, x, bias, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=bias)
-            if index == implant.block:
-                mask = implant.select(images, self.patch_size)
-                x = implant.plant(x, mask, patch_start=patch_start)
-                bias = implant.attention_bias(mask, x.shape[1], patch_start=patch_start)
-                bias = bias.to(self._attention_dtype(x)).unsqueeze(1)  # (B, 1, N, N): the same for every head
+        mask = implant.select(images, self.patch_size)
+        with implant.writing(mask, patch_start) as write:
+            for index, block in enumerate(blocks):
+                # neuron mode: the implant block is not checkpointed (its hooks need the forward's mask)
+                if use_checkpoint and not (implant.neuron_mode and index == implant.block):
+                    x = checkpoint(block, x, bias, use_reentrant=False)
+                else:
+                    x = block(x, attn_mask=bias)
+                if index == implant.block:
+                    x = implant.plant(x, mask, patch_start=patch_start)
+                    bias = implant.attention_bias(mask, x.shape[1], patch_start=patch_start, sinks=write.sinks)
+                    bias = bias.to(self._attention_dtype(x)).unsqueeze(1)  # (B, 1, N, N): the same for every head
         return x
 
     def pos_embed(self, grid: tuple[int, int]) -> Tensor | None:
@@ -84,12 +91,14 @@ class TimmDenseViT(DenseViT):
             x = torch.cat(prefix + [x], dim=1) + pos
         return vit.pos_drop(x)
 
-    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False) -> DenseOutput:
+    def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False,
+                       with_pre_norm: bool = False) -> DenseOutput | tuple[DenseOutput, DenseOutput]:
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, D) with dynamic_img_size
         x = self._add_pos_embed(x)  # (B, prefix + h*w, D)
         if self.registers is not None:
             x = torch.cat([self._expand_registers(x), x], dim=1)
+        x = self._add_test_time_registers(x, front=True)
         x = vit.norm_pre(vit.patch_drop(x))
         if self.implant is not None:
             x = self._run_implanted(x, images, grid)
@@ -98,15 +107,31 @@ class TimmDenseViT(DenseViT):
                 x = checkpoint(block, x, use_reentrant=False)
         else:
             x = vit.blocks(x)
-        if not pre_norm:
-            x = vit.norm(x)
+        output = x if pre_norm else vit.norm(x)
+        return (self._dense(output, grid), self._dense(x, grid)) if with_pre_norm else self._dense(output, grid)
+
+    def _dense(self, x: Tensor, grid: tuple[int, int]) -> DenseOutput:
+        """The patch and CLS tokens of a sequence ``x`` (B, N, D)."""
         num_patches = grid[0] * grid[1]
         patch = x[:, -num_patches:].reshape(x.shape[0], *grid, x.shape[-1])
-        cls = x[:, self.num_registers] if vit.cls_token is not None else patch.mean(dim=(1, 2))
+        cls_index = self.num_test_time_registers + self.num_registers
+        cls = x[:, cls_index] if self.vit.cls_token is not None else patch.mean(dim=(1, 2))
         return DenseOutput(patch=patch, cls=cls)
 
     def _blocks_prefix(self) -> tuple[str, int]:
         return "vit.blocks", len(self.vit.blocks)
+
+    def _mlp_site(self, index: int) -> MlpSite:
+        block = self.vit.blocks[index]
+        mlp = getattr(block, "mlp", None)
+        if isinstance(mlp, GluMlp) or not all(hasattr(mlp, name) for name in ("fc1", "act", "fc2")):
+            raise ValueError(f"{self.config.arch}: block {index} has no fc1 -> act -> fc2 MLP to hook (gated MLPs "
+                             f"such as SwiGLU are not supported)")
+        return MlpSite(block, mlp.act, mlp.fc2, mlp.fc1.out_features)
+
+    def token_layout(self, num_tokens: int) -> tuple[slice, slice]:
+        extra = self.num_test_time_registers
+        return slice(0, extra), slice(extra + self.num_registers + self.vit.num_prefix_tokens, num_tokens)
 
     def _named_groups(self) -> dict[str, list[str]]:
         return {"registers": ["registers"], "pos_embed": ["vit.pos_embed"], "patch_embed": ["vit.patch_embed.*"]}

@@ -104,9 +104,14 @@ def test_gradient_accumulation_matches_large_batch():
         torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5)
 
 
-def test_two_process_ddp_matches_one_process():
+@pytest.mark.parametrize("sync_every", [1, 3])  # 3: masked steps, flags agreed on the device
+def test_two_process_ddp_matches_one_process(sync_every):
+    from ph_reg.method.train import unused_trainable
+
+    assert unused_trainable(TinyDense(), _dataset()) == []  # so DDP runs with find_unused_parameters=False
     single = _train_weights(DistillConfig(epochs=2, batch_size=4, lr=1e-2, lr_end=1e-3, accelerator="cpu"))
-    ddp_config = DistillConfig(epochs=2, batch_size=2, devices=2, lr=1e-2, lr_end=1e-3, accelerator="cpu")
+    ddp_config = DistillConfig(epochs=2, batch_size=2, devices=2, lr=1e-2, lr_end=1e-3, accelerator="cpu",
+                               sync_every=sync_every)
     assert ddp_config.global_batch_size == 4
     ddp = _train_weights(ddp_config)
     for name, value in single.items():

@@ -21,8 +21,8 @@ def test_collate_keeps_the_fields_a_dataset_fills():
     assert cached.image.shape == (3, 3, 2, 2) and cached.target.shape == (3, 2, 2, 4)
     assert cached.index is None and cached.substituted is None
     online = collate_items([TrainItem(torch.zeros(3, 2, 2), index=i, substituted=i == 1) for i in range(3)])
-    assert online.target is None and online.index.tolist() == [0, 1, 2]
-    assert online.substituted.tolist() == [False, True, False] and int(online.substituted.sum()) == 1
+    assert online.target is None and online.index == [0, 1, 2]  # host data stays Python
+    assert online.substituted == [False, True, False]
 
 
 def test_config_from_mapping_survives_asdict_and_names_keys():

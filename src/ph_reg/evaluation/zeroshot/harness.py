@@ -22,7 +22,7 @@ Precision: the harness runs a dense function as it is (fp32 unless the function 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -47,9 +47,11 @@ __all__ = [
     "ZERO_SHOT_HEADS",
     "ZeroShotPrediction",
     "ZeroShotConfig",
+    "ZeroShotHead",
     "backbone_head",
     "classify",
     "evaluate_zero_shot",
+    "evaluate_zero_shot_heads",
     "image_dense_features",
     "make_dense_fn",
     "model_dense_fn",
@@ -393,6 +395,14 @@ def image_dense_features(
     return _dense_forward(dense_fn, x)[0].float()
 
 
+class ZeroShotHead(NamedTuple):
+    """What the harness needs of one head: its dense function and its model's input normalisation."""
+
+    dense_fn: DenseFn
+    mean: Sequence[float] = CLIP_MEAN
+    std: Sequence[float] = CLIP_STD
+
+
 def evaluate_zero_shot(
         dense_fn: DenseFn,
         text_emb: Tensor,
@@ -408,6 +418,25 @@ def evaluate_zero_shot(
     ``ignore_index`` ignored), with torchmetrics ``MulticlassJaccardIndex`` (macro; classes absent from both the
     predictions and the labels are left out). ``max_samples`` evaluates only the first samples.
     Returns ``{"mIoU": float, "num_images": int}``."""
+    scores, _ = evaluate_zero_shot_heads({"": ZeroShotHead(dense_fn, mean, std)}, text_emb, query_to_class,
+                                         num_classes, dataset, settings, max_samples)
+    return scores[""]
+
+
+def evaluate_zero_shot_heads(
+        heads: Mapping[str, ZeroShotHead],
+        text_emb: Tensor,
+        query_to_class: Sequence[int] | Tensor,
+        num_classes: int,
+        dataset: DenseDataset | Sequence,
+        settings: ZeroShotConfig,
+        max_samples: int | None = None,
+        keep: int = 0,
+) -> tuple[dict[str, dict[str, float]], list[tuple[Any, dict[str, ZeroShotPrediction]]]]:
+    """:func:`evaluate_zero_shot` of several heads on one dataset, each sample read (decoded, rendered) once for all
+    of them: ``({head: {"mIoU", "num_images"}}, kept)``; ``kept`` holds the first ``keep`` samples with every head's
+    :class:`ZeroShotPrediction` (for the figures, :func:`zero_shot_maps`). Each head's numbers equal its own
+    :func:`evaluate_zero_shot`."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     dataset_classes = len(getattr(dataset, "class_names", []) or [])
@@ -418,17 +447,26 @@ def evaluate_zero_shot(
         raise ValueError("the dataset is empty (or max_samples < 1): nothing to evaluate")
     ignore_index = getattr(dataset, "ignore_index", IGNORE_INDEX)
     device = text_emb.device
-    metric = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro").to(device)
+    metrics = {name: MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro").to(device)
+               for name in heads}
+    kept = []
     for index in range(total):
         sample = dataset[index]
         if sample.label is None:
             raise ValueError(f"sample {index} ({sample.name}) has no segmentation label")
-        pred = segment_image(dense_fn, sample.image, text_emb, query_to_class, num_classes, settings, mean, std).pred
-        if pred.shape != sample.label.shape:
-            raise ValueError(f"sample {sample.name}: label shape {tuple(sample.label.shape)} does not match the "
-                             f"image size {tuple(pred.shape)}")
-        metric.update(pred.unsqueeze(0), sample.label.to(device).unsqueeze(0))
-    return {"mIoU": 100.0 * float(metric.compute()), "num_images": total}
+        predictions = {}
+        for name, head in heads.items():
+            predictions[name] = segment_image(head.dense_fn, sample.image, text_emb, query_to_class, num_classes,
+                                              settings, head.mean, head.std)
+            pred = predictions[name].pred
+            if pred.shape != sample.label.shape:
+                raise ValueError(f"sample {sample.name}: label shape {tuple(sample.label.shape)} does not match the "
+                                 f"image size {tuple(pred.shape)}")
+            metrics[name].update(pred.unsqueeze(0), sample.label.to(device).unsqueeze(0))
+        if index < keep:
+            kept.append((sample, predictions))
+    return {name: {"mIoU": 100.0 * float(metric.compute()), "num_images": total}
+            for name, metric in metrics.items()}, kept
 
 
 def zero_shot_maps(
@@ -441,12 +479,16 @@ def zero_shot_maps(
         query: int,
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
+        prediction: ZeroShotPrediction | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(pred (H, W), heatmap (H, W), features (h, w, C)) of one image for :func:`.report.zero_shot_figure`; the
-    heatmap is query ``query``'s probability ``softmax(logit_scale * cos)``. Results are on the CPU."""
+    heatmap is query ``query``'s probability ``softmax(logit_scale * cos)``. Results are on the CPU.
+    ``prediction``: this image's :func:`segment_image` result with the same arguments, if already computed (by
+    :func:`evaluate_zero_shot_heads`), used instead of segmenting again."""
     if not 0 <= query < text_emb.shape[0]:
         raise ValueError(f"query must index one of the {text_emb.shape[0]} queries, got {query}")
-    out = segment_image(dense_fn, image, text_emb, query_to_class, num_classes, settings, mean, std)
+    out = prediction if prediction is not None else segment_image(dense_fn, image, text_emb, query_to_class,
+                                                                  num_classes, settings, mean, std)
     heatmap = torch.softmax(settings.logit_scale * out.logits, dim=0)[query]
     features = image_dense_features(dense_fn, image, settings, mean, std, device=text_emb.device)
     return out.pred.cpu(), heatmap.cpu(), features.cpu()

@@ -9,16 +9,17 @@ student itself.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from matplotlib.figure import Figure
-from torch import nn
+from torch import Tensor, nn
 
 from ph_reg.config import from_mapping
 from ph_reg.evaluation.benchmarks import DenseDataset, build_dataset
-from ph_reg.evaluation.zeroshot.harness import (ZeroShotConfig, backbone_head, evaluate_zero_shot, make_dense_fn,
-                                                model_dense_fn, precision_dense_fn, zero_shot_maps)
+from ph_reg.evaluation.zeroshot.harness import (ZeroShotConfig, ZeroShotHead, backbone_head,
+                                                evaluate_zero_shot_heads, make_dense_fn, model_dense_fn,
+                                                precision_dense_fn, zero_shot_maps)
 from ph_reg.evaluation.zeroshot.templates import load_class_file, parse_class_lines
 from ph_reg.evaluation.zeroshot.text import build_text_encoder, text_embeddings
 from ph_reg.method.tta import TTAConfig
@@ -26,8 +27,8 @@ from ph_reg.models import BackboneConfig, build_backbone
 from ph_reg.reporting.figures import class_palette, zero_shot_figure
 from ph_reg.runtime import DEFAULT_PRECISION
 
-__all__ = ["STUDENT_HEAD", "CLASSES_FROM_DATASET", "selected", "class_lines", "head_model", "zero_shot_evaluation",
-           "zero_shot_figures"]
+__all__ = ["STUDENT_HEAD", "CLASSES_FROM_DATASET", "selected", "class_lines", "head_model", "zero_shot_run",
+           "zero_shot_evaluation", "zero_shot_figures"]
 
 STUDENT_HEAD = "ph_reg"
 CLASSES_FROM_DATASET = "dataset"
@@ -60,20 +61,21 @@ def head_model(head: str, base: BackboneConfig, student: nn.Module) -> nn.Module
     return build_backbone(config).eval()
 
 
-def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequence[str],
-                         benchmarks: Mapping[str, Mapping[str, Any]], tta: TTAConfig | None = None, seed: int = 0,
-                         device: torch.device | None = None, text_batch_size: int = 256,
-                         max_samples: int | None = None, precision: str = DEFAULT_PRECISION) -> dict[str, dict[str, float]]:
-    """``{head: {benchmark: mIoU}}`` for every head on every benchmark.
+class _Benchmark(NamedTuple):
+    """A benchmark ready to run: its dataset, queries and their text embeddings, and its harness settings."""
 
-    ``benchmarks[name]`` has ``dataset`` (a ``build_dataset`` spec), ``classes`` (see ``class_lines``) and
-    ``settings`` (``ZeroShotConfig`` fields). Text embeddings come from the base model's text tower, once per
-    benchmark. Every head's image forward runs at ``precision`` (``evaluation.precision``, see
-    :data:`ph_reg.runtime.PRECISIONS`).
-    """
-    if base.family != "open_clip":
-        raise ValueError(f"zero-shot segmentation needs an open_clip backbone, got {base.arch!r}")
-    device = device or torch.device("cpu")
+    dataset: DenseDataset
+    queries: list[str]
+    text: Tensor
+    query_to_class: list[int]
+    num_classes: int
+    settings: ZeroShotConfig
+
+
+def _prepare_benchmarks(base: BackboneConfig, benchmarks: Mapping[str, Mapping[str, Any]], device: torch.device,
+                        text_batch_size: int) -> dict[str, _Benchmark]:
+    """Datasets, queries and text embeddings of ``benchmarks``: the text tower is built once, each benchmark's
+    queries are embedded once (for every head)."""
     encoder, tokenizer = build_text_encoder(base)
     encoder.to(device)
     prepared = {}
@@ -82,20 +84,90 @@ def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequen
         queries, query_to_class = parse_class_lines(class_lines(spec.get("classes", CLASSES_FROM_DATASET), dataset))
         text = text_embeddings(encoder, tokenizer, queries, batch_size=text_batch_size, device=device)
         settings = from_mapping(ZeroShotConfig, spec["settings"], f"evaluation.zero_shot.benchmarks.{name}.settings")
-        prepared[name] = (dataset, text, query_to_class, len(set(query_to_class)), settings)
-    del encoder
-    results: dict[str, dict[str, float]] = {}
+        prepared[name] = _Benchmark(dataset, queries, text, query_to_class, len(set(query_to_class)), settings)
+    return prepared
+
+
+def _heads(student: nn.Module, base: BackboneConfig, heads: Sequence[str], tta: TTAConfig | None, seed: int,
+           device: torch.device, precision: str) -> dict[str, ZeroShotHead]:
+    """Every head's model, built once, as the harness runs it (its dense function at ``precision``)."""
+    built = {}
     for head in heads:
         model = head_model(head, base, student).to(device)
         dense_fn = model_dense_fn(model) if head == STUDENT_HEAD else make_dense_fn(model, head, tta, seed)
-        dense_fn = precision_dense_fn(dense_fn, precision)
-        results[head] = {}
-        with torch.no_grad():
-            for name, (dataset, text, query_to_class, num_classes, settings) in prepared.items():
-                scores = evaluate_zero_shot(dense_fn, text, query_to_class, num_classes, dataset, settings,
-                                            model.mean, model.std, max_samples=max_samples)
-                results[head][name] = round(scores["mIoU"], 4)
-    return results
+        built[head] = ZeroShotHead(precision_dense_fn(dense_fn, precision), model.mean, model.std)
+    return built
+
+
+def zero_shot_run(student: nn.Module, base: BackboneConfig, heads: Sequence[str],
+                  benchmarks: Mapping[str, Mapping[str, Any]], figure: Mapping[str, Any] | None = None,
+                  tta: TTAConfig | None = None, seed: int = 0, device: torch.device | None = None,
+                  text_batch_size: int = 256, max_samples: int | None = None, precision: str = DEFAULT_PRECISION,
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, Figure]]:
+    """``({head: {benchmark: mIoU}}, figures)``: every head on every benchmark, and the zero-shot figures.
+
+    ``benchmarks[name]`` has ``dataset`` (a ``build_dataset`` spec), ``classes`` (see ``class_lines``) and
+    ``settings`` (``ZeroShotConfig`` fields). ``figure``: ``{"benchmark": name, "images": n, "query": q}`` (its
+    benchmark is one of ``benchmarks`` or an extra one, ``{"spec": ...}`` given with ``figure["spec"]``); None: no
+    figures. The work is shared: the text tower is built once and each benchmark's queries are embedded once;
+    each head's model is built once; each image is read once for all heads; the figures reuse the evaluation's
+    predictions of their images. Every head's image forward runs at ``precision`` (``evaluation.precision``, see
+    :data:`ph_reg.runtime.PRECISIONS`).
+    """
+    if base.family != "open_clip":
+        raise ValueError(f"zero-shot segmentation needs an open_clip backbone, got {base.arch!r}")
+    device = device or torch.device("cpu")
+    specs = dict(benchmarks)
+    if figure is not None and figure["benchmark"] not in specs:
+        specs[figure["benchmark"]] = figure["spec"]
+    prepared = _prepare_benchmarks(base, specs, device, text_batch_size)
+    models = _heads(student, base, heads, tta, seed, device, precision)
+    results: dict[str, dict[str, float]] = {head: {} for head in heads}
+    kept: list = []
+    with torch.no_grad():
+        for name in benchmarks:
+            bench = prepared[name]
+            keep = figure["images"] if figure is not None and figure["benchmark"] == name else 0
+            scores, kept_here = evaluate_zero_shot_heads(models, bench.text, bench.query_to_class, bench.num_classes,
+                                                         bench.dataset, bench.settings, max_samples, keep=keep)
+            kept = kept_here if keep else kept
+            for head in heads:
+                results[head][name] = round(scores[head]["mIoU"], 4)
+        figures = {} if figure is None else _figures(models, prepared[figure["benchmark"]], figure, kept)
+    return results, figures
+
+
+def _figures(models: Mapping[str, ZeroShotHead], bench: _Benchmark, figure: Mapping[str, Any],
+             kept: Sequence[tuple[Any, Mapping[str, Any]]]) -> dict[str, Figure]:
+    """The figures of the first ``figure["images"]`` images of ``bench``; the predictions in ``kept`` (sample,
+    {head: prediction}) are reused, the other images are segmented here."""
+    query, name, dataset = figure["query"], figure["benchmark"], bench.dataset
+    if query not in bench.queries:
+        raise ValueError(f"figure query {query!r} is not one of the benchmark's queries {bench.queries}")
+    colours = class_palette(bench.num_classes)
+    names = list(getattr(dataset, "class_names", None) or [])
+    if len(names) != bench.num_classes:   # a class file that is not the dataset's names: each class's first query
+        names = [bench.queries[bench.query_to_class.index(c)] for c in range(bench.num_classes)]
+    figures = {}
+    for i in range(min(figure["images"], len(dataset))):
+        sample, predictions = kept[i] if i < len(kept) else (dataset[i], {})
+        maps = {head: zero_shot_maps(model.dense_fn, sample.image, bench.text, bench.query_to_class,
+                                     bench.num_classes, bench.settings, bench.queries.index(query), model.mean,
+                                     model.std, prediction=predictions.get(head))
+                for head, model in models.items()}
+        title = f"Zero-shot segmentation, {name or dataset.name} image {i} ({sample.name})"
+        figures[f"zero_shot_{i:02d}.png"] = zero_shot_figure(sample.image, maps, colours, query_name=query,
+                                                             class_names=names, label=sample.label, title=title)
+    return figures
+
+
+def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequence[str],
+                         benchmarks: Mapping[str, Mapping[str, Any]], tta: TTAConfig | None = None, seed: int = 0,
+                         device: torch.device | None = None, text_batch_size: int = 256,
+                         max_samples: int | None = None, precision: str = DEFAULT_PRECISION) -> dict[str, dict[str, float]]:
+    """``{head: {benchmark: mIoU}}`` for every head on every benchmark (:func:`zero_shot_run` without figures)."""
+    return zero_shot_run(student, base, heads, benchmarks, None, tta=tta, seed=seed, device=device,
+                         text_batch_size=text_batch_size, max_samples=max_samples, precision=precision)[0]
 
 
 def zero_shot_figures(student: nn.Module, base: BackboneConfig, heads: Sequence[str], benchmark: Mapping[str, Any],
@@ -103,34 +175,7 @@ def zero_shot_figures(student: nn.Module, base: BackboneConfig, heads: Sequence[
                       device: torch.device | None = None, precision: str = DEFAULT_PRECISION,
                       name: str | None = None) -> dict[str, Figure]:
     """Per image: the image, its ground truth and the colour-to-class legend, then every head with its prediction,
-    the probability map of ``query`` and a PCA map (``name``: the benchmark's name, for the titles)."""
-    device = device or torch.device("cpu")
-    dataset = build_dataset(benchmark["dataset"])
-    queries, query_to_class = parse_class_lines(class_lines(benchmark.get("classes", CLASSES_FROM_DATASET), dataset))
-    if query not in queries:
-        raise ValueError(f"figure query {query!r} is not one of the benchmark's queries {queries}")
-    encoder, tokenizer = build_text_encoder(base)
-    text = text_embeddings(encoder.to(device), tokenizer, queries, device=device)
-    settings = from_mapping(ZeroShotConfig, benchmark["settings"],
-                            f"evaluation.zero_shot.benchmarks.{name or dataset.name}.settings")
-    num_classes = len(set(query_to_class))
-    maps: dict[int, dict[str, tuple]] = {i: {} for i in range(min(images, len(dataset)))}
-    for head in heads:
-        model = head_model(head, base, student).to(device)
-        dense_fn = model_dense_fn(model) if head == STUDENT_HEAD else make_dense_fn(model, head, tta, seed)
-        dense_fn = precision_dense_fn(dense_fn, precision)
-        with torch.no_grad():
-            for i in maps:
-                maps[i][head] = zero_shot_maps(dense_fn, dataset[i].image, text, query_to_class, num_classes,
-                                               settings, queries.index(query), model.mean, model.std)
-    colours = class_palette(num_classes)
-    names = list(getattr(dataset, "class_names", None) or [])
-    if len(names) != num_classes:   # a class file that is not the dataset's names: each class's first query
-        names = [queries[query_to_class.index(c)] for c in range(num_classes)]
-    figures = {}
-    for i in maps:
-        sample = dataset[i]
-        title = f"Zero-shot segmentation, {name or dataset.name} image {i} ({sample.name})"
-        figures[f"zero_shot_{i:02d}.png"] = zero_shot_figure(sample.image, maps[i], colours, query_name=query,
-                                                             class_names=names, label=sample.label, title=title)
-    return figures
+    the probability map of ``query`` and a PCA map (``name``: the benchmark's name, for the titles). Only the
+    figures; :func:`zero_shot_run` draws them from the evaluation's own predictions."""
+    figure = {"benchmark": name, "images": images, "query": query, "spec": benchmark}
+    return zero_shot_run(student, base, heads, {}, figure, tta=tta, seed=seed, device=device, precision=precision)[1]

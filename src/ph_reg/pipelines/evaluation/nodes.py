@@ -131,7 +131,7 @@ def evaluate_zero_shot(student_weights: dict[str, Tensor], student_config: dict[
 
     from ph_reg.config import from_mapping
     from ph_reg.method.targets import TeacherDenoisingConfig
-    from ph_reg.evaluation.zeroshot.run import selected, zero_shot_evaluation, zero_shot_figures
+    from ph_reg.evaluation.zeroshot.run import selected, zero_shot_run
     from ph_reg.reporting.figures import message_figure
     from ph_reg.reporting.tables import RANDOM_WEIGHTS_WARNING, table1
     from ph_reg.models import BackboneConfig
@@ -150,13 +150,10 @@ def evaluate_zero_shot(student_weights: dict[str, Tensor], student_config: dict[
     student, _ = load_evaluated_student(student_weights, student_config, device)
     tta = dataclasses.replace(from_mapping(TeacherDenoisingConfig, denoising, "teacher_denoising").tta,
                               n_views=settings["tta_views"])
-    results = zero_shot_evaluation(student, base, settings["heads"], benchmarks, tta=tta, seed=seed, device=device,
-                                   text_batch_size=settings["text_batch_size"], precision=precision)
+    figure = {**settings["figure"], "spec": settings["benchmarks"][settings["figure"]["benchmark"]]}
+    results, figures = zero_shot_run(student, base, settings["heads"], benchmarks, figure, tta=tta, seed=seed,
+                                     device=device, text_batch_size=settings["text_batch_size"], precision=precision)
     table, markdown = table1(results)
-    figure = settings["figure"]
-    figures = zero_shot_figures(student, base, settings["heads"], settings["benchmarks"][figure["benchmark"]],
-                                figure["images"], figure["query"], tta=tta, seed=seed,
-                                device=device, precision=precision, name=figure["benchmark"])
     header = "# Zero-shot open-vocabulary segmentation (mIoU %, Table 1 format)\n\n"
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"

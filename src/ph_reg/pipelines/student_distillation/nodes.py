@@ -51,7 +51,7 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
         if targets.attrs.get("mode") != "cached":
             raise ValueError("teacher_targets holds no cached targets (it was written in online mode): "
                              "rerun teacher_denoising with the same target mode")
-        return TargetPairs(images, targets, list(crops.values()), student.mean, student.std), None
+        return TargetPairs(images, targets, list(crops.values()), student.mean, student.std, raw=True), None
     first_record = {name: records[0] for name, records in crops.items()}
     # the source is listed again (in its sorted order); an image gone since preparation trains on its prepared crop
     listed = {name: load for name, load in source_items(data.source, data.max_image_pixels)}
@@ -60,7 +60,7 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     loaders = [listed.get(name, StoredImageLoader(images, first_record[name])) for name in names]
     fallbacks = [StoredImageLoader(images, first_record[name]) for name in names]
     dataset = RandomCrops(loaders, data.image_size, student.mean, student.std, seed, fallbacks=fallbacks,
-                          min_side=data.min_side, max_pixels=data.max_image_pixels)
+                          min_side=data.min_side, max_pixels=data.max_image_pixels, raw=True)
     online = OnlineTargets(build_backbone(teacher_config), seed, denoising.tta, denoising.max_images_per_forward)
     return dataset, online
 
@@ -124,3 +124,11 @@ def export_student(student: DenseViT, backbone: dict[str, Any], teacher_head: st
 
     weights = trainable_state_dict(student)
     return weights, artifact_config(student, list(weights), backbone, teacher_head, params)
+
+
+def export_student_hub(student: DenseViT, weights: dict[str, Tensor], config: dict[str, Any]) -> Any:
+    """The student as a Hugging Face Hub folder (the stock timm form, the ph-reg student, a model card): what
+    ``python -m ph_reg export <student> --format hub`` writes (``ph_reg.method.export``)."""
+    from ph_reg.method.export import HubExport
+
+    return HubExport(student, weights, config)

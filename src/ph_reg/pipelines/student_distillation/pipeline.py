@@ -1,8 +1,9 @@
-"""The student_distillation pipeline: build the student, distill it, export it."""
+"""The student_distillation pipeline: build the student, distill it, export it (ph-reg folder, Hub folder)."""
 
 from kedro.pipeline import Node, Pipeline
 
-from ph_reg.pipelines.student_distillation.nodes import build_student, export_student, train_student
+from ph_reg.pipelines.student_distillation.nodes import (build_student, export_student, export_student_hub,
+                                                         train_student)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -18,4 +19,6 @@ def create_pipeline(**kwargs) -> Pipeline:
              inputs=["trained_student", "params:backbone", "params:teacher_denoising.head",
                      "params:student_distillation"],
              outputs=["student_weights", "student_config"], name="export_student"),
+        Node(func=export_student_hub, inputs=["trained_student", "student_weights", "student_config"],
+             outputs="student_hub", name="export_student_hub"),
     ])
