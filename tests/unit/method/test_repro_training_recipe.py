@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import signal
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from ph_reg.method.tta import (TTAConfig, TTADenoiser, TTAViews, augment_images,
 from ph_reg.method.loss import WEIGHT_DECAY_EXEMPTIONS, parameter_groups
 from ph_reg.method.train import TrainingInterrupted, distill
 from ph_reg.config import from_mapping
+from training_support import SignalAt
 from ph_reg.method.config import TRAINING_PREFIX, DistillConfig
 from ph_reg.models import DenseOutput
 
@@ -57,24 +57,20 @@ class Tiny(nn.Module):
 
 
 class Pairs(torch.utils.data.Dataset):
-    """(epoch, i)-indexed (image, target) pairs; ``signal_at = (epoch, nth item read in it)`` sends SIGTERM."""
+    """(epoch, i)-indexed (image, target) pairs (wrap in ``training_support.SignalAt`` to send SIGTERM)."""
 
-    def __init__(self, n: int, poison: int | None = None, signal_at: tuple[int, int] | None = None):
+    def __init__(self, n: int, poison: int | None = None):
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(n, 3, 2, 2, generator=gen)
         self.y = torch.randn(n, 2, 2, 4, generator=gen)
         if poison is not None:
             self.y[poison] = float("nan")
-        self.signal_at, self.seen = signal_at, {}
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, item):
-        epoch, i = item
-        count = self.seen[epoch] = self.seen.get(epoch, 0) + 1
-        if (epoch, count) == self.signal_at:
-            signal.raise_signal(signal.SIGTERM)
+        _, i = item
         return self.x[i], self.y[i]
 
 
@@ -168,7 +164,7 @@ def test_lr_across_a_mid_epoch_resume_follows_the_release(tmp_path):
         expected_history = distill(fresh(), Pairs(12, poison=5), config, seed=1, state_fn=_weights, progress=False,
                                    on_epoch_end=full.on_epoch_end)
     with StepRecorder() as first, pytest.raises(TrainingInterrupted, match="at epoch 2 after batch"):
-        distill(fresh(), Pairs(12, poison=5, signal_at=(1, 3)), config, seed=1, checkpoint_dir=tmp_path,
+        distill(fresh(), SignalAt(Pairs(12, poison=5), (1, 3)), config, seed=1, checkpoint_dir=tmp_path,
                 state_fn=_weights, progress=False, on_epoch_end=first.on_epoch_end)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert saved["position"]["epoch"] == 1 and saved["position"]["steps"] >= 1  # stopped after a step of epoch 2
