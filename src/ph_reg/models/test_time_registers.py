@@ -32,6 +32,7 @@ there needs the same weights built with ``head: vanilla``. Weights are never cha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,9 +52,11 @@ __all__ = [
     "RegisterNeuron",
     "TestTimeRegisters",
     "TestTimeRegistersConfig",
+    "attach_from_artifact",
     "attach_test_time_registers",
     "detach_test_time_registers",
     "detect_register_neurons",
+    "neuron_artifact",
     "register_neurons_from_rows",
 ]
 
@@ -325,3 +328,30 @@ def detach_test_time_registers(model: DenseViT) -> None:
     if model.test_time_registers is not None:
         model.test_time_registers.remove()
         model.test_time_registers = None
+
+
+# --- the detection artifact --------------------------------------------------------------------------------------
+
+def neuron_artifact(neurons: Iterable[Sequence[Any]], config: TestTimeRegistersConfig,
+                    **detection: Any) -> dict[str, Any]:
+    """The JSON form of a detection: ``neurons`` as ``[layer, neuron, score]`` rows (best first), ``intervention``
+    (the whole config, so that a reader attaches exactly what was detected for) and ``detection`` (free-form facts:
+    images seen, images with outliers, the head used, ...)."""
+    rows = [[n.layer, n.neuron, n.score] for n in register_neurons_from_rows(neurons)]
+    return {"neurons": rows, "intervention": dataclasses.asdict(config), "detection": dict(detection)}
+
+
+def attach_from_artifact(model: DenseViT, artifact: Mapping[str, Any], where: str = "register_neurons",
+                         ) -> TestTimeRegisters:
+    """:func:`attach_test_time_registers` with the neurons and the config of a :func:`neuron_artifact` (a loaded
+    JSON file; ``where`` names it in errors)."""
+    if not isinstance(artifact, Mapping) or not {"neurons", "intervention"} <= set(artifact):
+        keys = sorted(artifact) if isinstance(artifact, Mapping) else type(artifact).__name__
+        raise ValueError(f"{where}: expected a register-neuron artifact with keys 'neurons' and 'intervention' "
+                         f"(ph_reg.models.test_time_registers.neuron_artifact), got {keys}")
+    try:
+        config = TestTimeRegistersConfig.from_dict(artifact["intervention"], f"{where}.intervention")
+        neurons = register_neurons_from_rows(artifact["neurons"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{where}: {error}") from error
+    return attach_test_time_registers(model, neurons, config)

@@ -14,9 +14,9 @@ from ph_reg.evaluation.planted import artifact_benchmark, benchmark_features
 from ph_reg.method.tta import TTAConfig
 from ph_reg.models import BackboneConfig, build_backbone, clean_copy
 from ph_reg.models.implant import ImplantConfig
-from ph_reg.models.test_time_registers import (RegisterNeuron, TestTimeRegistersConfig, attach_test_time_registers,
-                                               detach_test_time_registers, detect_register_neurons,
-                                               register_neurons_from_rows)
+from ph_reg.models.test_time_registers import (RegisterNeuron, TestTimeRegistersConfig, attach_from_artifact,
+                                               attach_test_time_registers, detach_test_time_registers,
+                                               detect_register_neurons, neuron_artifact, register_neurons_from_rows)
 from ph_reg.runtime import normalize
 
 TINY_CLIP = "open_clip:ph-reg-tiny-ViT-16"  # width 64, 3 blocks: the implant writes in block 1
@@ -278,3 +278,26 @@ def test_test_time_registers_lower_the_outlier_rate(arch, head, layer, calibrati
     assert teacher_rate > 0.02
     assert report["sources"]["ttr"]["direction"]["rate"] <= 0.2 * teacher_rate
     assert report["sources"]["ttr"]["cosine"]["planted"] > report["sources"]["teacher"]["cosine"]["planted"] + 0.3
+
+
+def test_neuron_artifact_round_trip_through_json(calibration):
+    """The detection artifact carries the neurons and the whole intervention config: a model attached from its JSON
+    form computes exactly what the same model attached by hand does; malformed artifacts are refused by name."""
+    config = TestTimeRegistersConfig(num_registers=2, patch_values="mean", max_over="layer")
+    neurons = [RegisterNeuron(1, 5, 2.5), RegisterNeuron(0, 3, 1.0)]
+    artifact = json.loads(json.dumps(neuron_artifact(neurons, config, images=6, head="vanilla")))
+    assert artifact["neurons"] == [[1, 5, 2.5], [0, 3, 1.0]] and artifact["detection"]["images"] == 6
+    model = build_backbone(BackboneConfig(arch=TINY_TIMM, img_size=IMG, head="final_norm")).eval()
+    images = normalize(calibration[:2], model.mean, model.std)
+    with torch.no_grad():
+        attach_test_time_registers(model, neurons, config)
+        by_hand = model(images).patch
+        detach_test_time_registers(model)
+        attach_from_artifact(model, artifact)
+        assert model.test_time_registers.config == config
+        assert torch.equal(model(images).patch, by_hand)
+        detach_test_time_registers(model)
+    with pytest.raises(ValueError, match="my_neurons: expected a register-neuron artifact"):
+        attach_from_artifact(model, {"neurons": []}, where="my_neurons")
+    with pytest.raises(ValueError, match="my_neurons.*patch_values"):
+        attach_from_artifact(model, {**artifact, "intervention": {"patch_values": "bogus"}}, where="my_neurons")
