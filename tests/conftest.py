@@ -30,11 +30,16 @@ TINY_OPEN_CLIP = {
     "parameters_student_distillation.yml": (
         "student_distillation:\n  training:\n    epochs: 2\n    batch_size: 2\n    checkpoint_every: 1\n"
     ),
+    # the tiny CLIP (3 blocks, the implant's neuron at block 1): planted tokens' pre-norm norms >= 51 from block 1
+    # on, every other token <= 12; neurons below the last block, which the CLIP dense heads replace
+    "parameters_test_time_registers.yml": (
+        "test_time_registers:\n  norm_threshold: 25.0\n  highest_layer: 1\n  top_k: 3\n  batch_size: 2\n"
+    ),
     "parameters_evaluation.yml": """evaluation:
   figure_images: 2
   batch_size: 2
   zero_shot:
-    heads: [naclip, maskclip_tta, ph_reg]
+    heads: [naclip, maskclip_tta, ttr, ttr_maskclip, ph_reg]
     tta_views: 2
     benchmarks:
       synthetic:
@@ -69,6 +74,10 @@ TINY_TIMM = {
         "  probes:\n", "  probes:\n    teacher_head: final_norm\n"),
     "parameters_student_distillation.yml": TINY_OPEN_CLIP["parameters_student_distillation.yml"]
     + "  head: final_norm\n  num_registers: 4\n",
+    # timm test_vit (6 blocks, the implant's neuron at block 3): planted tokens' norms >= 8.8, the others <= 3.7
+    "parameters_test_time_registers.yml": (
+        "test_time_registers:\n  norm_threshold: 6.0\n  highest_layer: 4\n  top_k: 3\n  batch_size: 2\n"
+    ),
 }
 
 
@@ -106,7 +115,7 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 
-ORDER = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
+ORDER = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers", "evaluation"]
 
 
 def _feed(params: dict[str, Any], prefix: str = "params:") -> Iterator[tuple[str, Any]]:

@@ -27,11 +27,13 @@ from ph_reg.method.targets import TeacherDenoisingConfig
 from ph_reg.models.backbone import DEFAULT_TRAINABLE, HEADS, HF_HUB_PREFIX, BackboneConfig, DenseViT
 from ph_reg.models.factory import FAMILY_ADAPTERS, meta_backbone, patch_size
 from ph_reg.models.pos_embed import DEFAULT_POS_EMBED_INTERP, POS_EMBED_INTERP
+from ph_reg.models.test_time_registers import DETECTION_HEADS, RegisterNeuronDetectionConfig
 
 SUGGESTIONS = 3
 #: The top-level sections of the parameters; any other top-level key is refused (a misspelt section would else be
 #: ignored, and its section's defaults used without a word).
-SECTIONS = ("seed", "backbone", "data_preparation", "teacher_denoising", "student_distillation", "evaluation")
+SECTIONS = ("seed", "backbone", "data_preparation", "teacher_denoising", "student_distillation",
+            "test_time_registers", "evaluation")
 
 
 # --- backbone --------------------------------------------------------------------------------------------------
@@ -150,16 +152,45 @@ def check_student_snapshot(epoch: Any, params: StudentDistillationConfig,
     return epoch
 
 
+def register_detection_params(backbone: Mapping[str, Any], values: Mapping[str, Any] | None,
+                               ) -> tuple[BackboneConfig, RegisterNeuronDetectionConfig]:
+    """The ``test_time_registers`` section and the model its detection runs: the base model with a head that runs
+    every block (``DETECTION_HEADS``: CLIP ``vanilla``, timm ``final_norm``), no registers. The layers must fit the
+    architecture, and for CLIP the register neurons must lie below the last block, which the NACLIP and MaskCLIP
+    heads replace (``highest_layer`` at most depth - 2), so that every row can carry the intervention."""
+    section = "test_time_registers"
+    params = RegisterNeuronDetectionConfig.from_dict(values, section)
+    family = _check_arch(backbone.get("arch"))[0]
+    config = backbone_params(backbone, DETECTION_HEADS[family], 0)
+    model = meta_backbone(config)
+    if model is None:
+        return config, params
+    registers, depth = params.registers, model._blocks_prefix()[1]
+    if not -depth <= registers.outlier_layer < depth:
+        raise ConfigError(f"{section}.outlier_layer", registers.outlier_layer,
+                          f"a block index in [{-depth}, {depth - 1}] (negative: from the end; {config.arch} has "
+                          f"{depth} blocks)")
+    highest = depth - 2 if family == "open_clip" else depth - 1
+    why = " (the CLIP dense heads replace the last block, so its neurons could not be intervened on)" \
+        if family == "open_clip" else ""
+    if (registers.highest_layer is None and family == "open_clip") or (registers.highest_layer or 0) > highest:
+        raise ConfigError(f"{section}.highest_layer", registers.highest_layer,
+                          f"a block index in [lowest_layer, {highest}]{why}")
+    if registers.lowest_layer > highest:
+        raise ConfigError(f"{section}.lowest_layer", registers.lowest_layer, f"a block index <= {highest}{why}")
+    return config, params
+
+
 # --- evaluation ------------------------------------------------------------------------------------------------
 
 EVALUATION_KEYS = ("student_snapshot", "split", "max_images", "outlier_k", "batch_size", "figure_images", "device",
                    "precision", "planted", "zero_shot", "probes")
 EVALUATION_OPTIONAL = ("student_snapshot", "max_images")
-PLANTED_KEYS = ("max_images", "low_cosine", "reference_views")
+PLANTED_KEYS = ("max_images", "low_cosine", "reference_views", "both")
 ZERO_SHOT_KEYS = ("heads", "tta_views", "text_batch_size", "run", "benchmarks", "figure")
 ZERO_SHOT_BENCHMARK_KEYS = ("dataset", "classes", "settings")
 ZERO_SHOT_FIGURE_KEYS = ("benchmark", "images", "query")
-PROBES_KEYS = ("mode", "loader_workers", "teacher_head", "feature_dtype", "published", "run", "tasks")
+PROBES_KEYS = ("mode", "loader_workers", "teacher_head", "ttr", "feature_dtype", "published", "run", "tasks")
 #: The keys of a probe benchmark ``evaluation.probes.tasks.<task>.<benchmark>`` (the first four are required).
 PROBE_BENCHMARK_KEYS = {
     "segmentation": ("train", "val", "crop_size", "stride", "short_side", "augment", "probe"),
@@ -306,6 +337,7 @@ def _probes(key: str, values: Any, backbone: BackboneConfig, batch_size: int) ->
     _choice(f"{key}.mode", values["mode"], PROBE_MODES)
     _int(f"{key}.loader_workers", values["loader_workers"], 0)
     _name(f"{key}.teacher_head", values["teacher_head"], HEADS[backbone.family])
+    _bool(f"{key}.ttr", values["ttr"])
     feature_dtype = _name(f"{key}.feature_dtype", values["feature_dtype"], sorted(FEATURE_DTYPES))
     if values.get("published") is not None:
         _name(f"{key}.published", values["published"], sorted(PUBLISHED_TABLE2))
@@ -349,6 +381,7 @@ def evaluation_params(values: Mapping[str, Any], backbone: BackboneConfig, secti
     _optional_int(f"{section}.planted.max_images", planted["max_images"], 1)
     _number(f"{section}.planted.low_cosine", planted["low_cosine"], -1.0, 1.0)
     _int(f"{section}.planted.reference_views", planted["reference_views"], 1)
+    _bool(f"{section}.planted.both", planted["both"])
     _zero_shot(f"{section}.zero_shot", values["zero_shot"])
     _probes(f"{section}.probes", values["probes"], backbone, batch_size)
     return dict(values)
@@ -358,8 +391,8 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
     """Check a run's parameters before anything runs; return the typed sections.
 
     Every top-level key must be one of ``SECTIONS`` (a misspelt section is refused with the close match). The
-    sections ``data_preparation``, ``teacher_denoising``, ``student_distillation`` and ``evaluation`` (each with
-    ``backbone``) are checked whole; ``sections`` limits the check to those (default: every one present; the
+    sections ``data_preparation``, ``teacher_denoising``, ``student_distillation``, ``test_time_registers`` and
+    ``evaluation`` (each with ``backbone``) are checked whole; ``sections`` limits the check to those (default: every one present; the
     validation hook passes the sections its pipeline's nodes read). Also checks what ties the sections together:
     the crop size is a multiple of the patch size, cached student targets need a cached teacher, and
     ``evaluation.student_snapshot`` names a snapshot the training keeps.
@@ -386,6 +419,14 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
         evaluation = params.get("evaluation")
         if isinstance(evaluation, Mapping) and evaluation.get("student_snapshot") is not None:
             check_student_snapshot(evaluation["student_snapshot"], distill_params)
+        planted = evaluation.get("planted") if isinstance(evaluation, Mapping) else None
+        if (backbone.get("implant") is not None and isinstance(planted, Mapping) and planted.get("both") is True
+                and distill_params.targets != "cached"):   # the row distils on cached targets only
+            raise ConfigError("evaluation.planted.both", True, "false", reason="the 'both' row distils on cached "
+                              "targets, but student_distillation.targets is 'online': set evaluation.planted.both: false")
+    if "test_time_registers" in wanted:
+        result["register_detector"], result["test_time_registers"] = register_detection_params(
+            backbone, params["test_time_registers"])
     if "data_preparation" in result or "evaluation" in wanted:
         config = backbone_params(backbone, HEADS[_check_arch(backbone.get("arch"))[0]][0])
         if "data_preparation" in result:

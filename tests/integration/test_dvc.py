@@ -24,8 +24,8 @@ import yaml
 
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
 
-STAGES = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation_artifacts",
-          "evaluation_zero_shot", "evaluation_probe_features", "evaluation_probes", "evaluation_planted",
+STAGES = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers",
+          "evaluation_artifacts", "evaluation_zero_shot", "evaluation_probe_features", "evaluation_probes", "evaluation_planted",
           "evaluation_summary"]
 METRICS = ["data/08_reporting/evaluation.json", "data/08_reporting/zero_shot.json", "data/08_reporting/probes.json",
            "data/08_reporting/planted_artifacts.json", "data/08_reporting/summary.json"]

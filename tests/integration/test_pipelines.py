@@ -15,7 +15,7 @@ from ph_reg.io.shards import ShardReader
 from ph_reg.io.files import load_tensors
 from ph_reg.method.student import load_student
 
-COMPONENTS = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
+COMPONENTS = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers", "evaluation"]
 
 
 def run_session(project, pipeline, env="tiny"):
@@ -40,6 +40,8 @@ def test_every_component_pipeline_end_to_end(tmp_path, monkeypatch, env_files):
     targets = ShardReader(project / "data/04_feature/teacher_targets")
     assert len(targets) == 5 and targets[0]["target"].shape[:2] == (4, 4)
     assert targets.attrs["tta"]["n_views"] == 3
+    neurons = json.loads((project / "data/04_feature/register_neurons.json").read_text())
+    assert neurons["neurons"][0][:2] == neurons["detection"]["planted_neurons"][0]  # the implant's neuron, first
 
     student_dir = project / "data/06_models/student"
     config = json.loads((student_dir / "config.json").read_text())
@@ -85,7 +87,7 @@ def test_every_component_pipeline_end_to_end(tmp_path, monkeypatch, env_files):
 
     # the planted-artifact benchmark: the tiny configuration inherits the base implant
     planted = json.loads((project / "data/08_reporting/planted_artifacts.json").read_text())
-    assert set(planted["sources"]) == {"clean", "teacher", "target", "student"}
+    assert set(planted["sources"]) == {"clean", "teacher", "target", "student", "ttr", "both"}
     assert planted["images"] == len(images.indices(split="val")) and planted["planted_rate"] > 0
     assert planted["sources"]["teacher"]["norm"]["recall"] > planted["sources"]["clean"]["norm"]["recall"]
     assert planted["sources"]["clean"]["cosine"]["planted"] > planted["sources"]["teacher"]["cosine"]["planted"]
@@ -145,7 +147,7 @@ def test_run_record_and_alone_equals_inside_default(tmp_path, monkeypatch):
     run_session(project, "__default__")
     outputs = ["data/02_intermediate/prepared_images", "data/04_feature/teacher_targets", "data/06_models/student",
                "data/08_reporting/evaluation.json", "data/08_reporting/probes.json", "data/08_reporting/zero_shot.json",
-               "data/05_model_input/probe_features"]
+               "data/05_model_input/probe_features", "data/04_feature/register_neurons.json"]
 
     def digest():
         import hashlib

@@ -29,11 +29,13 @@ import pytest
 
 from conftest import PROJECT_ROOT, TINY_OPEN_CLIP, make_project
 
-PIPELINES = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation", "distill", "__default__"]
+PIPELINES = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers", "evaluation",
+             "distill", "__default__"]
 COMPONENT_NODES = {  # written out, so that a pipeline losing a node fails here as well
     "data_preparation": {"prepare_images"},
     "teacher_denoising": {"denoise_teacher"},
     "student_distillation": {"build_student", "train_student", "export_student"},
+    "test_time_registers": {"detect_register_neurons"},
     "evaluation": {"evaluate_artifacts", "evaluate_zero_shot", "cache_probe_features", "evaluate_probes",
                    "evaluate_planted_artifacts", "summarize_evaluation"},
 }

@@ -12,10 +12,10 @@ from kedro.config import OmegaConfigLoader
 from conftest import PROJECT_ROOT
 from ph_reg.pipeline_registry import register_pipelines
 
-COMPONENTS = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation"]
+COMPONENTS = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers", "evaluation"]
 # dvc.yaml: one stage per component, the evaluation split into its independent parts
-STAGES = ["data_preparation", "teacher_denoising", "student_distillation", "evaluation_artifacts",
-          "evaluation_zero_shot", "evaluation_probe_features", "evaluation_probes", "evaluation_planted",
+STAGES = ["data_preparation", "teacher_denoising", "student_distillation", "test_time_registers",
+          "evaluation_artifacts", "evaluation_zero_shot", "evaluation_probe_features", "evaluation_probes", "evaluation_planted",
           "evaluation_summary"]
 
 
@@ -45,7 +45,8 @@ def test_registry_has_components_and_composites():
     assert set(pipelines["distill"].nodes) == set(
         pipelines["data_preparation"].nodes + pipelines["teacher_denoising"].nodes
         + pipelines["student_distillation"].nodes)
-    assert set(pipelines["__default__"].nodes) == set(pipelines["distill"].nodes + pipelines["evaluation"].nodes)
+    assert set(pipelines["__default__"].nodes) == set(pipelines["distill"].nodes + pipelines["test_time_registers"].nodes
+                                                      + pipelines["evaluation"].nodes)
 
 
 def _stage_pipeline(stage, pipelines):

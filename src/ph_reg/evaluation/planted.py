@@ -21,6 +21,10 @@ denoised by TTA, ``student``, ...) the benchmark reports two readings of the sam
   tokens, on planted tokens, on tokens adjacent to a planted token (8-neighbourhood ring) and on the rest, and the
   share of tokens with cosine < ``low_cosine`` with its precision and recall against the planted mask.
 
+The test-time-registers rows (:mod:`ph_reg.evaluation.planted_ttr`) are measured like the student: ``ttr``, the
+implanted teacher with test-time registers (its pre-norm and dense outputs leave the extra tokens out, as they leave
+out the registers), and ``both``, a PH-Reg student distilled from the denoised targets of that teacher.
+
 Linear-probe results (mIoU, depth RMSE, ...) computed elsewhere are merged with :func:`add_probe_results`.
 :func:`check_targets` checks the benchmark's targets; :func:`ph_reg.reporting.tables.benchmark_markdown` renders a table
 and :func:`ph_reg.reporting.figures.benchmark_figure` draws pre-norm norm maps with the planted mask outlined.
@@ -62,6 +66,11 @@ __all__ = [
 ]
 
 REFERENCE = "clean_tta"  # the name of the clean reference in reports
+#: The test-time-registers rows (ph_reg.evaluation.planted_ttr): the teacher with test-time registers, and a
+#: PH-Reg student distilled from that teacher's denoised targets.
+TTR_ROWS = ("ttr", "both")
+#: The sources the figure shows, when present.
+FIGURE_SOURCES = ("teacher", "target", "student", "ttr")
 
 
 class SourceFeatures(NamedTuple):
@@ -232,7 +241,8 @@ def check_targets(report: dict[str, Any], student: str = "student", min_planted_
     reductions of the target and the student are read on what they are, dense outputs, with the direction rule
     (cosine < low_cosine): their norm-rule readings are in the report, but by construction they cannot show a
     removal (see the module docstring), so they are not targets. The cosine target compares the mean over all
-    tokens to the teacher's.
+    tokens to the teacher's. The rows ``ttr`` and ``both`` (:data:`TTR_ROWS`), when present, get the student's two
+    targets.
     """
     sources = report["sources"]
     teacher_cos = sources["teacher"]["cosine"]["all"]
@@ -245,7 +255,7 @@ def check_targets(report: dict[str, Any], student: str = "student", min_planted_
         "teacher planted rate": entry(report["planted_rate"], min_planted_rate),
         "teacher planted tokens detected (norm rule recall)": entry(sources["teacher"]["norm"]["recall"], min_recall),
     }
-    for name in ("target", student):
+    for name in ("target", student, *TTR_ROWS):
         if name not in sources:
             continue
         targets[f"{name}: fewer outlier tokens than the teacher (direction rule, share removed)"] = entry(
@@ -264,6 +274,8 @@ def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Modu
                                 low_cosine: float = 0.5, batch_size: int = TeacherDenoisingConfig.batch_size,
                                 figure_images: int = 4, probes: Mapping[str, Mapping[str, float]] | None = None,
                                 max_images_per_forward: int = MAX_IMAGES_PER_FORWARD,
+                                extra: Mapping[str, torch.nn.Module] | None = None,
+                                details: Mapping[str, Any] | None = None,
                                 ) -> tuple[dict[str, Any], str, Figure]:
     """The whole benchmark on uint8 images (B, 3, H, W): JSON-ready report (with the targets), Markdown and figure.
 
@@ -273,6 +285,9 @@ def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Modu
     ``reference_views`` fixed across an ablation of ``tta.n_views``, so that every arm is measured against the same
     reference.
     ``probes``: linear-probe results ``{source: {"<benchmark>/<metric>": value}}`` merged into the report.
+    ``extra``: more models measured as the student is, after it (e.g. ``ttr`` and ``both``, :data:`TTR_ROWS`);
+    ``details``: entries added to the report before it is rendered (``test_time_registers``: what the ``ttr`` row
+    ran with, :func:`ph_reg.evaluation.planted_ttr.neuron_summary`; ``rows_skipped``: ``{row: reason}``).
     """
     from ph_reg.models import clean_copy
 
@@ -281,7 +296,10 @@ def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Modu
     device = module_device(teacher)
     clean = clean_copy(teacher)
     images = normalize(pixels, teacher.mean, teacher.std)
-    features, reference = benchmark_features({"student": student}, clean, teacher, images, seed=seed, tta=tta,
+    models = {"student": student, **(extra or {})}
+    if len(models) != 1 + len(extra or {}) or {"clean", "teacher", "target"} & set(models):
+        raise ValueError(f"extra rows {sorted(extra or {})} must not reuse the names clean, teacher, target, student")
+    features, reference = benchmark_features(models, clean, teacher, images, seed=seed, tta=tta,
                                              reference_views=reference_views, batch_size=batch_size,
                                              max_images_per_forward=max_images_per_forward)
     planted = teacher.planted_mask(images.to(device)).cpu()
@@ -289,7 +307,8 @@ def planted_artifact_evaluation(teacher: torch.nn.Module, student: torch.nn.Modu
     if probes:
         add_probe_results(report, {name: values for name, values in probes.items() if name in report["sources"]})
     report["implant"] = dict(teacher.config.implant)
+    report.update(details or {})
     report["targets"] = check_targets(report)
-    figure = benchmark_figure(pixels, {name: features[name] for name in ("teacher", "target", "student")}, planted,
+    figure = benchmark_figure(pixels, {name: features[name] for name in FIGURE_SOURCES if name in features}, planted,
                               reference, max_images=figure_images)
     return report, benchmark_markdown(report, report["targets"]), figure

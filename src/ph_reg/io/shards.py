@@ -20,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 STORE_FORMAT = "ph-reg-shards/2"  # 2: tensors stored per record ("<row>/<key>")
 SHARD_HEADER_KEY = "ph_reg_shard"  # safetensors metadata: {"fingerprint", "keys", "records"} of that shard
 DEFAULT_RECORDS_PER_SHARD = 256
+#: Finished shards waiting for the background writer thread: a producer that gets this far ahead waits.
+WRITE_QUEUE_SHARDS = 2
 Record = tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]  # (tensors, metadata) of one store record
 log = logging.getLogger(__name__)
 
@@ -69,10 +73,16 @@ class ShardWriter:
     ``records_per_shard`` are kept (in :attr:`staging`, which a failed resumable write leaves in place):
     ``len(writer)`` is then the number of records already stored, and the caller adds the records from there on.
     Otherwise the store is written from scratch and a failed write removes its unfinished shards.
+
+    ``background=True``: each finished shard is written by one writer thread (at most :data:`WRITE_QUEUE_SHARDS`
+    shards queued), so the producer (e.g. the teacher pass) computes the next records meanwhile; the files are the
+    same bytes as a synchronous write's. A write error is raised in the caller at its next shard or at the end of
+    the block; the block waits for the queued shards before it ends, so an error or an interruption in the caller
+    leaves exactly the shards a synchronous write would have finished.
     """
 
     def __init__(self, folder: str | os.PathLike, records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
-                 attrs: Mapping[str, Any] | None = None, resume: bool = False):
+                 attrs: Mapping[str, Any] | None = None, resume: bool = False, background: bool = True):
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
         self.folder = real_folder(folder)
@@ -87,6 +97,10 @@ class ShardWriter:
         self._entries: list[dict[str, Any]] = []
         self._shards: list[str] = []
         self._keys: tuple[str, ...] | None = None
+        self.background = background
+        self._queue: queue.Queue[tuple[Path, dict, dict] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __enter__(self) -> "ShardWriter":
         restore_interrupted_swap(self.folder)
@@ -140,17 +154,64 @@ class ShardWriter:
             return
         name = SHARD_PATTERN.format(len(self._shards))
         header = {"fingerprint": self.fingerprint, "keys": list(self._keys or ()), "records": self._pending_entries}
-        save_tensors(self.staging / name, self._pending, metadata={SHARD_HEADER_KEY: json.dumps(header)})
+        job = (self.staging / name, self._pending, {SHARD_HEADER_KEY: json.dumps(header)})
+        if self.background:
+            self._submit(job)
+        else:
+            save_tensors(*job)
         self._shards.append(name)
         self._entries.extend(self._pending_entries)
         self._pending, self._pending_entries, self._rows = {}, [], 0
 
+    def _submit(self, job: tuple[Path, dict, dict]) -> None:
+        """Queue a shard for the writer thread (started on the first shard); raise its error if it failed."""
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=WRITE_QUEUE_SHARDS)
+            self._thread = threading.Thread(target=self._write_queued, name=f"shards:{self.folder.name}",
+                                            daemon=True)
+            self._thread.start()
+        self._raise_writer_error()
+        assert self._queue is not None
+        self._queue.put(job)
+
+    def _write_queued(self) -> None:
+        """The writer thread: write the queued shards in order until the end mark; after an error, drop the rest
+        (the caller raises it) so that the producer never blocks on a full queue."""
+        assert self._queue is not None
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    save_tensors(*job)
+                except BaseException as error:  # re-raised in the caller's thread
+                    self._error = error
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _join_writer(self) -> None:
+        """Wait until the writer thread has written every queued shard, and stop it."""
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        error: BaseException | None = None
+        if exc_type is None:
+            try:
+                self._flush()
+            except BaseException as flush_error:  # the writer thread's error, or the last shard's own
+                error = flush_error
+        self._join_writer()
+        error = error or (None if exc_type is not None else self._error)
+        if exc_type is not None or error is not None:
             if not self.resume:  # nothing a later write could use
                 shutil.rmtree(self.staging, ignore_errors=True)
+            if error is not None:
+                raise error
             return
-        self._flush()
         write_json(
             self.staging / INDEX_NAME,
             {"format": STORE_FORMAT, "attrs": self.attrs, "keys": list(self._keys or ()), "shards": self._shards,

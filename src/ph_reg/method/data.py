@@ -143,6 +143,17 @@ class RandomCrops(Dataset):
         return TrainItem(crop, index=i, substituted=None if self.fallbacks is None else substituted)
 
 
+def image_crops(images, indices: Sequence[int]) -> dict[str, list[int]]:
+    """The prepared records of each image among ``indices`` of a prepared-image store (records with ``meta(i)``:
+    ``name``, ``crop``), by image name (in store order), each list ordered by crop number:
+    ``data_preparation.crops_per_image`` records per image (the ``crops`` of :class:`TargetPairs`)."""
+    crops: dict[str, list[tuple[int, int]]] = {}
+    for i in indices:
+        meta = images.meta(i)
+        crops.setdefault(meta["name"], []).append((meta.get("crop", 0), i))
+    return {name: [i for _, i in sorted(records)] for name, records in crops.items()}
+
+
 class StoredImageLoader:
     """Picklable loader of record ``index`` of a prepared-image store, as a PIL image."""
 

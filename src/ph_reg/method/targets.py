@@ -87,9 +87,11 @@ def denoised_target_records(teacher: DenseViT, images: Sequence[dict[str, torch.
             batch = normalize(to_device(torch.stack([images[i]["image"] for i in batch_indices]), device), *constants)
             with torch.no_grad(), autocast(device, AUTO_PRECISION):
                 targets = denoiser(batch, image_generators(seed, 0, batch_indices))
-            for index, target in zip(batch_indices, targets.float().cpu()):
+            # cast to the storage dtype on the device (float16: half the bytes back); the store's writer thread
+            # (ShardWriter) saves finished shards while the next batches run
+            for index, target in zip(batch_indices, targets.to(dtype).cpu()):
                 if index >= start:
-                    yield {"target": target.to(dtype)}, {"image_index": index}
+                    yield {"target": target}, {"image_index": index}
 
 
 class OnlineTargets:

@@ -66,8 +66,11 @@ def _launched_externally() -> bool:
 
 def make_fabric(config: DistillConfig, find_unused_parameters: bool = True) -> Fabric:
     """Lightning Fabric for the run: one device, or DDP spawned from inside the Kedro node, or DDP under
-    torchrun/SLURM. DDP looks for unused trainable parameters (e.g. the MLP of a MaskCLIP last block) only when
-    ``find_unused_parameters`` (:func:`unused_trainable` found some): the search costs a graph walk every step."""
+    torchrun/SLURM. DDP looks for unused trainable parameters only when ``find_unused_parameters``
+    (:func:`unused_trainable` found some): the search costs a graph walk every step. The parameters a head never
+    reads (the MLP of a MaskCLIP last block) are frozen by ``DenseViT.set_trainable``, so the default groups need
+    no search; only a trainable pattern the dense output does not reach (a custom ``trainable`` entry, a model
+    that is not a DenseViT) still turns it on."""
     from lightning_fabric import Fabric
     from lightning_fabric.strategies import DDPStrategy
 

@@ -209,6 +209,20 @@ class DenseViT(nn.Module):
         """(test-time registers, patch tokens) of a sequence of ``num_tokens`` tokens inside the blocks."""
         raise NotImplementedError
 
+    #: The submodules of a block that form its MLP branch (norm, MLP, layer scale): open_clip's and timm's names.
+    _MLP_BRANCH = ("ln_2", "mlp", "ls_2", "norm2", "ls2")
+
+    def unread_parameters(self) -> list[str]:
+        """The sorted names of the parameters the forward never reads with this head: the MLP branch (pre-norm,
+        MLP, layer scale) of every block whose MLP it skips (see :meth:`runs_block`), e.g. the last block's
+        ``ln_2`` and ``mlp`` under the MaskCLIP, ClearCLIP and NACLIP heads. They never get a gradient, so
+        :meth:`set_trainable` keeps them frozen (and DDP needs no search for unused parameters). Parameters read in
+        part (the q and k rows of the packed ``in_proj_weight`` under MaskCLIP) are read, as one tensor."""
+        prefix, depth = self._blocks_prefix()
+        skipped = [f"{prefix}.{index}.{part}." for index in range(depth) if not self.runs_block(index, mlp=True)
+                   for part in self._MLP_BRANCH]
+        return sorted(name for name, _ in self.named_parameters() if name.startswith(tuple(skipped)))
+
     def fill_value(self) -> Tensor:
         """(3,) value of a white pixel in the model's input normalisation: ``(1 - mean) / std``."""
         device = module_device(self)
@@ -293,11 +307,13 @@ class DenseViT(nn.Module):
 
         Groups: ``registers``, ``pos_embed``, ``patch_embed``, ``last_block``, ``block:<index>`` (negative indices
         allowed), or else an fnmatch pattern on parameter names. ``registers`` with no registers matches nothing
-        and is allowed; any other name matching nothing raises ValueError.
+        and is allowed; any other name matching nothing raises ValueError. The parameters the head never reads
+        (:meth:`unread_parameters`) stay frozen; a group that matches only those raises ValueError.
         """
         if isinstance(names, str):
             names = [names]
         params = dict(self.named_parameters())
+        unread = set(self.unread_parameters())
         selected: set[str] = set()
         for name in names:
             patterns = self._group_patterns(name)
@@ -305,7 +321,10 @@ class DenseViT(nn.Module):
             if not matched and name != "registers":
                 raise ValueError(f"trainable group {name!r} matches no parameter of {self.config.arch}; use one of "
                                  f"{DEFAULT_TRAINABLE}, 'block:<index>' or an fnmatch pattern on parameter names")
-            selected |= matched
+            if matched and matched <= unread:
+                raise ValueError(f"trainable group {name!r} matches only parameters that the {self.head!r} head of "
+                                 f"{self.config.arch} never reads ({', '.join(sorted(matched))}): they cannot learn")
+            selected |= matched - unread
         for pname, param in params.items():
             param.requires_grad_(pname in selected)
         return sorted(selected)

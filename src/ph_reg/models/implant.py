@@ -320,7 +320,7 @@ class ArtifactImplant(nn.Module):
         Non-patch queries (CLS, registers) get ``sink_logit`` (default ``log(h * w)``) on every planted key; patch
         queries get it weighted by a Gaussian of the normalised grid distance; planted queries and other keys get 0.
         Neuron mode: ``sinks`` (B, N), the sink weights of the forward (``writing``), replace the mask (see the
-        module docstring).
+        module docstring). The same for every head: the models add it as (B, 1, N, N), broadcast over the heads.
         """
         if self.neuron_mode:
             if sinks is None:

@@ -11,8 +11,10 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transformer import ResidualAttentionBlock
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ph_reg.models.backbone import (HF_HUB_PREFIX, BackboneConfig, DenseOutput, DenseViT, MlpSite, checked_config,
@@ -40,6 +42,8 @@ class OpenClipDenseViT(DenseViT):
         pp = getattr(vit, "preprocess_cfg", {}) or {}
         super().__init__(config, vit, patch, embed_dim, width,
                          pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD))
+        if self.implant is not None:
+            _broadcast_bias_blocks(config, vit.transformer.resblocks)
         # the stored table: resized once to the img_size grid (explicit_size: every model; official: the student,
         # as StudentCLIP's constructor does), or the pretrained one (official: frozen models, as NACLIP)
         if config.pos_embed_interp == "explicit_size" or config.student:
@@ -78,15 +82,15 @@ class OpenClipDenseViT(DenseViT):
         return x if transformer.batch_first else x.transpose(0, 1)
 
     def _run_implanted(self, blocks: Sequence[nn.Module], x: Tensor, images: Tensor) -> Tensor:
-        """Run ``blocks`` with the implant: plant after block ``implant.block``, attention sinks afterwards."""
+        """Run ``blocks`` with the implant: plant after block ``implant.block``, attention sinks afterwards (one
+        bias (B, 1, N, N) that broadcasts over the heads: :class:`BiasBroadcastBlock`, no per-head copy)."""
         implant = self.implant
         mask = implant.select(images, self.patch_size)
         with implant.writing(mask, patch_start=1) as write:  # neuron mode: the implant block is not checkpointed
             x = self._run_blocks(blocks[:implant.block + 1], x, allow_checkpoint=not implant.neuron_mode)
         x = implant.plant(x, mask, patch_start=1)
         bias = implant.attention_bias(mask, x.shape[1], patch_start=1, sinks=write.sinks).to(self._attention_dtype(x))
-        heads = blocks[0].attn.num_heads
-        return self._run_blocks(blocks[implant.block + 1:], x, attn_mask=bias.repeat_interleave(heads, dim=0))
+        return self._run_blocks(blocks[implant.block + 1:], x, attn_mask=bias.unsqueeze(1))
 
     def _forward_dense(self, images: Tensor, grid: tuple[int, int], pre_norm: bool = False,
                        with_pre_norm: bool = False) -> DenseOutput | tuple[DenseOutput, DenseOutput]:
@@ -146,6 +150,51 @@ class OpenClipDenseViT(DenseViT):
 
     def _named_groups(self) -> dict[str, list[str]]:
         return {"registers": ["registers"], "pos_embed": ["vit.positional_embedding"], "patch_embed": ["vit.conv1.*"]}
+
+
+class BiasBroadcastBlock(ResidualAttentionBlock):
+    """open_clip's ``ResidualAttentionBlock`` whose attention also takes an additive bias (B, 1, N, N) that broadcasts
+    over the heads (the implant's attention sinks). ``nn.MultiheadAttention`` takes 2-D or (B * heads, N, N) masks
+    only: a per-head copy of a per-image bias (12x for ViT-B/16, 246 MB in bf16 for 16 windows at 448 px).
+
+    An implanted model's blocks get this class by a swap of the instance's class (as ``torch.nn.utils.parametrize``
+    does): parameters, state dict, ``forward`` (ln_1, ls_1, ln_2, mlp, ls_2), gradient checkpointing and every hook
+    on the block or its MLP (register-neuron detection, test-time registers, the neuron-mode implant) stay those of
+    open_clip; only :meth:`attention` with a 4-D mask runs :func:`biased_attention`."""
+
+    def attention(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
+                  attn_mask: Tensor | None = None) -> Tensor:
+        if attn_mask is None or attn_mask.dim() != 4:
+            return super().attention(q_x, k_x, v_x, attn_mask)
+        if k_x is not None or v_x is not None:
+            raise ValueError("a 4-D attention bias is supported for self-attention only")
+        return biased_attention(self.attn, q_x, attn_mask)
+
+
+def biased_attention(attn: nn.MultiheadAttention, q_x: Tensor, attn_mask: Tensor) -> Tensor:
+    """Self-attention of ``attn`` on the normed tokens ``q_x`` with the additive ``attn_mask`` (B, 1 or heads, N, N):
+    what ``nn.MultiheadAttention(q_x, q_x, q_x, attn_mask=..., need_weights=False)`` computes with that mask repeated
+    per head, without the copy. The steps are those of ``F.multi_head_attention_forward`` (the path a float mask
+    takes), in its sequence-first layout: the same GEMMs on the same layouts and the same
+    ``F.scaled_dot_product_attention`` call, so outputs and gradients are bit-identical on CPU (an in-projection of
+    the batch-first tokens sums in another order, ~1e-6 apart; tests/unit/models/test_implant_bias.py)."""
+    x = q_x.transpose(0, 1) if attn.batch_first else q_x  # (N, B, E)
+    n, b, e = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).unflatten(-1, (3, e)).permute(2, 0, 1, 3).contiguous()
+    q, k, v = (t.view(n, b, attn.num_heads, e // attn.num_heads).permute(1, 2, 0, 3) for t in qkv)  # (B, h, N, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
+                                         dropout_p=attn.dropout if attn.training else 0.0)
+    out = F.linear(out.permute(2, 0, 1, 3).reshape(n * b, e), attn.out_proj.weight, attn.out_proj.bias).view(n, b, e)
+    return out.transpose(0, 1) if attn.batch_first else out
+
+
+def _broadcast_bias_blocks(config: BackboneConfig, blocks: Sequence[nn.Module]) -> None:
+    """Give ``blocks`` the class :class:`BiasBroadcastBlock` (the implant's attention bias without per-head copies)."""
+    for index, block in enumerate(blocks):
+        if type(block) not in (ResidualAttentionBlock, BiasBroadcastBlock) or not block.attn._qkv_same_embed_dim:
+            raise ValueError(f"{config.arch}: the implant needs open_clip ResidualAttentionBlock blocks with a packed "
+                             f"nn.MultiheadAttention; block {index} is a {type(block).__name__}")
+        block.__class__ = BiasBroadcastBlock
 
 
 def _check_open_clip_tower(config: BackboneConfig, vit: nn.Module) -> None:

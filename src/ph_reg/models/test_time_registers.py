@@ -42,14 +42,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ph_reg.config import at_least, boolean, from_mapping, number_in, one_of, optional_at_least
+from ph_reg.config import _known_keys, at_least, boolean, from_mapping, number_in, one_of, optional_at_least
+from ph_reg.config import device as a_device
+from ph_reg.data.prepare import SPLITS
 from ph_reg.models.backbone import DenseViT
 from ph_reg.runtime import module_device
 
 __all__ = [
+    "DETECTION_HEADS",
     "MAX_OVER",
     "PATCH_VALUES",
     "RegisterNeuron",
+    "RegisterNeuronDetectionConfig",
     "TestTimeRegisters",
     "TestTimeRegistersConfig",
     "attach_from_artifact",
@@ -63,6 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PATCH_VALUES = ("zero", "mean", "only_outliers", "same")  # the public code's normal_values
+#: The head a detection runs, per family: one that runs every block (the open_clip dense heads replace the last).
+DETECTION_HEADS = {"open_clip": "vanilla", "timm": "final_norm"}
 MAX_OVER = ("neuron", "layer")
 
 
@@ -111,6 +117,27 @@ class TestTimeRegistersConfig:
     def from_dict(cls, d: Mapping[str, Any] | None,
                   section: str = "test_time_registers") -> TestTimeRegistersConfig:
         return from_mapping(cls, d, section)
+
+
+@dataclass(frozen=True)
+class RegisterNeuronDetectionConfig:
+    """The ``test_time_registers`` section of a run (the pipeline of the same name): the detection and intervention
+    parameters (``registers``, whose keys sit flat in the section) plus the ``split`` of the prepared images that
+    calibrates the detection and the ``device`` it runs on."""
+
+    registers: TestTimeRegistersConfig = field(default_factory=TestTimeRegistersConfig)
+    split: str = field(default="train", metadata=one_of(SPLITS))
+    device: str = field(default="auto", metadata=a_device())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None,
+                  section: str = "test_time_registers") -> RegisterNeuronDetectionConfig:
+        if d is None or isinstance(d, cls):
+            return from_mapping(cls, d, section)
+        own = ("split", "device")
+        _known_keys(section, d, [*own, *(f.name for f in dataclasses.fields(TestTimeRegistersConfig))])
+        registers = TestTimeRegistersConfig.from_dict({k: v for k, v in d.items() if k not in own}, section)
+        return from_mapping(cls, {"registers": registers, **{k: d[k] for k in own if k in d}}, section)
 
 
 class RegisterNeuron(NamedTuple):
@@ -176,9 +203,10 @@ def _image_scores(acts: Tensor, outliers: Tensor, config: TestTimeRegistersConfi
 @torch.no_grad()
 def detect_register_neurons(model: DenseViT, images: Tensor | Iterable[Tensor],
                             config: TestTimeRegistersConfig | Mapping[str, Any] | None = None,
-                            ) -> list[RegisterNeuron]:
+                            facts: dict[str, Any] | None = None) -> list[RegisterNeuron]:
     """The top ``config.top_k`` register neurons of ``model`` over its first ``config.num_images`` calibration images
     (normalised, a (B, 3, H, W) tensor or an iterable of such batches), best first (see the module docstring).
+    ``facts``, if given, receives ``images_seen``, ``images_with_outliers`` and ``outlier_block`` (0-based).
 
     Raises ValueError when no image has an outlier token (lower ``norm_threshold``, or more images).
     """
@@ -222,6 +250,8 @@ def detect_register_neurons(model: DenseViT, images: Tensor | Iterable[Tensor],
         model.train(was_training)
     log.info("register-neuron detection: %d of %d images have tokens of norm > %g at block %d", with_outliers, seen,
              config.norm_threshold, outlier_layer)
+    if facts is not None:
+        facts.update(images_seen=seen, images_with_outliers=with_outliers, outlier_block=outlier_layer)
     if with_outliers == 0:
         raise ValueError(f"no calibration image ({seen} seen) has a token of norm > {config.norm_threshold} at block "
                          f"{outlier_layer}: lower test_time_registers.norm_threshold or use more images")

@@ -98,6 +98,7 @@ def benchmark_markdown(report: dict[str, Any], targets: Mapping[str, Mapping[str
         cells += [_fmt(s.get("probes", {}).get(key), 4) for key in probe_keys]
         rows.append([name, *cells])
     lines += markdown_table(header, rows)
+    lines += _ttr_lines(report)
     if targets:
         lines += ["", "Targets. Target and student are dense outputs, so their outliers are counted by direction; "
                   "their norm-rule rates above read a residual stream that still carries the implant (student) or "
@@ -107,6 +108,28 @@ def benchmark_markdown(report: dict[str, Any], targets: Mapping[str, Mapping[str
                                 [[name, _fmt(t["value"]), _fmt(t["threshold"]), met[t["met"]]]
                                  for name, t in targets.items()])
     return "\n".join(lines) + "\n"
+
+
+def _ttr_lines(report: dict[str, Any]) -> list[str]:
+    """The notes under the planted table on the test-time-registers rows: what ``ttr`` ran with, skipped rows."""
+    lines = []
+    ttr = report.get("test_time_registers")
+    if ttr is not None:
+        neurons = ", ".join(f"({layer}, {neuron})" for layer, neuron, *_ in ttr["neurons"]) or "none"
+        intervention = ttr["intervention"]
+        text = (f"`ttr`: the implanted teacher with {intervention['num_registers']} test-time register(s) "
+                f"(patch values {intervention['patch_values']}) on the detected register neurons (block, unit): "
+                f"{neurons}.")
+        if "planted_neurons" in ttr:
+            text += (f" The implant's planted units: {len(ttr['planted_neurons'])}, of which the detection found "
+                     f"{ttr['planted_found']}.")
+        if "both" in report["sources"]:
+            text += (" `both`: a PH-Reg student (the pipeline's recipe and seed) distilled from the TTA-denoised "
+                     "targets of the `ttr` teacher.")
+        lines += ["", text]
+    for name, reason in report.get("rows_skipped", {}).items():
+        lines += ["", f"Row `{name}` skipped: {reason}."]
+    return lines
 
 
 # --- zero-shot segmentation (Table 1) ----------------------------------------------------------------------

@@ -266,9 +266,9 @@ def test_a_bad_precision_is_refused_naming_the_key(bad: object) -> None:
         check_precision(bad, "evaluation.precision")
     params = {"precision": bad, "device": "cpu", "zero_shot": {}, "probes": {}}
     with pytest.raises(ValueError, match=r"evaluation\.precision"):   # refused before any model is built
-        evaluate_zero_shot({}, {}, params, {}, seed=0)
+        evaluate_zero_shot({}, {}, {}, params, {}, seed=0)
     with pytest.raises(ValueError, match=r"evaluation\.precision"):
-        cache_probe_features({}, {}, params, seed=0)
+        cache_probe_features({}, {}, {}, params, seed=0)
     with pytest.raises(ValueError, match="precision"):
         autocast(torch.device("cpu"), bad)
 
@@ -285,7 +285,9 @@ def evaluation_params(env: str) -> dict:
 def test_conf_paper_has_the_vanilla_row_and_the_official_settings() -> None:
     params = evaluation_params("paper")
     heads = params["zero_shot"]["heads"]
-    assert heads == ["vanilla", "maskclip", "sclip", "clearclip", "naclip", "maskclip_tta", "ph_reg"]
+    assert heads == ["vanilla", "maskclip", "sclip", "clearclip", "naclip", "maskclip_tta", "ttr", "ttr_maskclip",
+                     "ph_reg"]   # Table 1's rows, and test-time registers on the vanilla and MaskCLIP heads
+    assert params["probes"]["ttr"] is True and evaluation_params("paper_dinov2")["probes"]["ttr"] is True
     assert params["precision"] == "fp32"
     settings = {name: from_mapping(ZeroShotConfig, params["zero_shot"]["benchmarks"][name]["settings"], name)
                 for name in params["zero_shot"]["run"]}

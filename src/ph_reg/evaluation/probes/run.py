@@ -16,9 +16,11 @@ from ph_reg.evaluation.probes.online import OnlineBatchSource, augmentation_for,
 from ph_reg.evaluation.probes.segmentation import evaluate_segmentation_probe, train_segmentation_probe
 from ph_reg.io.shards import ShardReader, write_stream
 from ph_reg.models import BackboneConfig, build_backbone, clean_copy
-from ph_reg.runtime import DEFAULT_PRECISION, derive_seed
+from ph_reg.models.test_time_registers import attach_from_artifact
+from ph_reg.runtime import DEFAULT_PRECISION, derive_seed, module_device
 
-__all__ = ["PROBES", "PROBE_TASKS", "selected_tasks", "probe_models", "probe_feature_streams", "write_probe_stores", "run_probes"]
+__all__ = ["PROBES", "PROBE_TASKS", "TTR_MODEL", "selected_tasks", "probe_models", "probe_feature_streams",
+           "write_probe_stores", "run_probes"]
 
 #: ``scores(train, val, spec, seed, history)``: train a probe on ``train`` (a store or a batch source), evaluate it
 #: on the ``val`` store and return its metrics; ``spec`` is the benchmark's mapping of ``evaluation.probes.tasks``.
@@ -44,6 +46,8 @@ def depth_scores(train: ShardReader | BatchSource, val: ShardReader, spec: Mappi
 #: The probe tasks (``evaluation.probes.tasks``) and how each is scored.
 PROBES: dict[str, ProbeScores] = {"segmentation": segmentation_scores, "depth": depth_scores}
 PROBE_TASKS = tuple(PROBES)
+#: The probe row of the base model with test-time registers (``evaluation.probes.ttr``)
+TTR_MODEL = "ttr"
 
 
 def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -57,14 +61,30 @@ def selected_tasks(tasks: dict[str, dict[str, Any]], names: list[str]) -> dict[s
     return chosen
 
 
-def probe_models(student: nn.Module, base: BackboneConfig, teacher_head: str) -> dict[str, nn.Module]:
+def probe_models(student: nn.Module, base: BackboneConfig, teacher_head: str, ttr: bool = False,
+                 register_neurons: Mapping[str, Any] | None = None) -> dict[str, nn.Module]:
     """The models whose frozen features are probed: the base model with ``teacher_head`` and the student; with a
-    planted-artifact implant (``base.implant``) also ``clean``, the same base model without it (the ground truth)."""
+    planted-artifact implant (``base.implant``) also ``clean``, the same base model without it (the ground truth);
+    with ``ttr`` (``evaluation.probes.ttr``) also ``ttr``, the teacher (same weights, head and implant) carrying the
+    test-time registers of ``register_neurons`` (a ``neuron_artifact``, :mod:`ph_reg.models.test_time_registers`)."""
     teacher = build_backbone(BackboneConfig.from_dict({**base.to_dict(), "head": teacher_head, "num_registers": 0,
                                                        "student": False}))
     models = {"teacher": teacher.eval(), "student": student.eval()}
     if base.implant is not None:
         models["clean"] = clean_copy(teacher)
+    if ttr:
+        if register_neurons is None:
+            raise ValueError("evaluation.probes.ttr is true, which needs the register-neuron artifact "
+                             "(register_neurons, data/04_feature/register_neurons.json from the test_time_registers "
+                             "pipeline); none was given: run that pipeline first or set it false")
+        with_registers = build_backbone(teacher.config)
+        with_registers.load_state_dict(teacher.state_dict())
+        try:
+            attach_from_artifact(with_registers, register_neurons)
+        except ValueError as error:
+            raise ValueError(f"evaluation.probes.ttr ({teacher_head!r} head with test-time registers): {error}"
+                             ) from error
+        models[TTR_MODEL] = with_registers.to(module_device(teacher)).eval()
     return models
 
 

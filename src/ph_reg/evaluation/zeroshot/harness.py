@@ -11,7 +11,9 @@ Features are never upsampled, only logits.
 
 A *dense function* maps normalised images (B, 3, H, W) to dense features (B, h, w, C). :func:`make_dense_fn` gives
 one for every head in :data:`ZERO_SHOT_HEADS`: the backbone heads, plus ``maskclip_tta`` ("denoising only": the
-value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.method.tta` at inference).
+value-only MaskCLIP head run through the n-view TTA of :mod:`ph_reg.method.tta` at inference), and the
+test-time-register heads ``ttr`` / ``ttr_maskclip`` (:data:`TTR_HEADS`: the vanilla / MaskCLIP head of a model that
+carries test-time registers, whose dense function is the model's own).
 
 Precision: the harness runs a dense function as it is (fp32 unless the function itself autocasts);
 :func:`precision_dense_fn` wraps one in the autocast context of an evaluation precision (``evaluation.precision``,
@@ -44,7 +46,9 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "TTA_HEADS",
+    "TTR_HEADS",
     "ZERO_SHOT_HEADS",
+    "WindowBatcher",
     "ZeroShotPrediction",
     "ZeroShotConfig",
     "ZeroShotHead",
@@ -79,7 +83,10 @@ BACKGROUND_CLASS = 0
 
 # harness head -> backbone head run through the TTA denoiser at inference
 TTA_HEADS: dict[str, str] = {"maskclip_tta": "maskclip"}
-ZERO_SHOT_HEADS: tuple[str, ...] = ("vanilla", *CLIP_HEADS, *TTA_HEADS)
+# harness head -> backbone head of the base model carrying test-time registers (ph_reg.models.test_time_registers,
+# attached from the register_neurons artifact by ph_reg.evaluation.zeroshot.run.head_model)
+TTR_HEADS: dict[str, str] = {"ttr": "vanilla", "ttr_maskclip": "maskclip"}
+ZERO_SHOT_HEADS: tuple[str, ...] = ("vanilla", *CLIP_HEADS, *TTA_HEADS, *TTR_HEADS)
 
 
 @dataclass(frozen=True)
@@ -145,10 +152,11 @@ class ZeroShotPrediction(NamedTuple):
 
 
 def backbone_head(head: str) -> str:
-    """The ``BackboneConfig.head`` that a zero-shot head needs (``maskclip_tta`` -> ``maskclip``)."""
+    """The ``BackboneConfig.head`` that a zero-shot head needs (``maskclip_tta`` -> ``maskclip``, ``ttr`` ->
+    ``vanilla``, ``ttr_maskclip`` -> ``maskclip``)."""
     if head not in ZERO_SHOT_HEADS:
         raise ValueError(f"head must be one of {ZERO_SHOT_HEADS}, got {head!r}")
-    return TTA_HEADS.get(head, head)
+    return {**TTA_HEADS, **TTR_HEADS}.get(head, head)
 
 
 def model_dense_fn(model: DenseViT) -> DenseFn:
@@ -248,34 +256,121 @@ def sliding_window_logits(
     per-pixel window count. Crops are batched ``batch_size`` at a time. A window whose side is not a multiple of
     ``patch_size`` is handled by ``small_window`` (see :class:`ZeroShotConfig`): ``"as_is"`` forwards the part
     covered by whole patches (what a stride-``patch_size`` patch embedding reads) and upsamples its logits to the
-    whole window; ``"pad"`` zero-pads it to a multiple and cuts the padding off the upsampled logits.
+    whole window; ``"pad"`` zero-pads it to a multiple and cuts the padding off the upsampled logits. Several
+    images: :class:`WindowBatcher` (this is its one-image case).
     """
-    _check_small_window(small_window)
-    if image.ndim == 3:
-        image = image.unsqueeze(0)
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must be (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
-    if text_emb.ndim != 2:
-        raise ValueError(f"text_emb must be (Q, D), got shape {tuple(text_emb.shape)}")
-    _, _, height, width = image.shape
+    batcher = WindowBatcher(dense_fn, text_emb, crop, stride, batch_size, patch_size, small_window)
+    finished = batcher.add(None, image) + batcher.finish()
+    return finished[0][1]
+
+
+class _WindowPlan(NamedTuple):
+    """The windows of one image: boxes (y0, y1, x0, x1), the part of a window the model reads (read_h, read_w),
+    its zero padding (left, right, top, bottom) and the window size (crop_h, crop_w), the same for every window."""
+
+    boxes: list[tuple[int, int, int, int]]
+    read: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    window: tuple[int, int]
+
+
+def _window_plan(height: int, width: int, crop: int, stride: int, patch_size: int, small_window: str) -> _WindowPlan:
     rows, cols = sliding_windows(height, crop, stride), sliding_windows(width, crop, stride)
-    boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
     crop_h, crop_w = rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]  # every window of an axis has this length
     if small_window == "pad":
-        left, right, top, bottom = _centred_padding(crop_h, crop_w, patch_size)
-        read_h, read_w = crop_h, crop_w
-    else:  # "as_is": the patch embedding reads whole patches only; the logits cover the whole window
-        left = right = top = bottom = 0
-        read_h, read_w = _whole_patches(crop_h, crop_w, patch_size)
-    text = F.normalize(text_emb.to(image.device, torch.float32), dim=-1)
-    canvas = image.new_zeros((text.shape[0], height, width), dtype=torch.float32)
-    count = image.new_zeros((1, height, width), dtype=torch.float32)
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start:start + batch_size]
-        crops = torch.stack([image[0, :, y0:y0 + read_h, x0:x0 + read_w] for y0, _, x0, _ in chunk])
+        return _WindowPlan([(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols], (crop_h, crop_w),
+                           _centred_padding(crop_h, crop_w, patch_size), (crop_h, crop_w))
+    # "as_is": the patch embedding reads whole patches only; the logits cover the whole window
+    return _WindowPlan([(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols],
+                       _whole_patches(crop_h, crop_w, patch_size), (0, 0, 0, 0), (crop_h, crop_w))
+
+
+class _Canvas:
+    """One image in a :class:`WindowBatcher`: its logit canvas, window count and windows still to run."""
+
+    def __init__(self, key: Any, image: Tensor, plan: _WindowPlan, queries: int):
+        self.key, self.image, self.plan, self.remaining = key, image, plan, len(plan.boxes)
+        self.canvas = image.new_zeros((queries, *image.shape[-2:]), dtype=torch.float32)
+        self.count = image.new_zeros((1, *image.shape[-2:]), dtype=torch.float32)
+
+
+class WindowBatcher:
+    """:func:`sliding_window_logits` of a stream of images, the windows of consecutive images run together: a
+    forward takes the next ``batch_size`` windows, across images, as long as they have the same size (all windows
+    of an image have one size; images of another size start a new batch). ``add(key, image)`` and ``finish()``
+    return ``(key, logits)`` of the images whose windows are all done, in the order they were added;
+    ``forwards`` counts the calls of ``dense_fn``. Each image's logits are summed window by window in the same
+    order as alone; only the batch a window shares differs."""
+
+    def __init__(self, dense_fn: DenseFn, text_emb: Tensor, crop: int, stride: int = DEFAULT_STRIDE,
+                 batch_size: int = DEFAULT_BATCH_SIZE, patch_size: int = DEFAULT_PATCH_SIZE,
+                 small_window: str = DEFAULT_SMALL_WINDOW):
+        _check_small_window(small_window)
+        if text_emb.ndim != 2:
+            raise ValueError(f"text_emb must be (Q, D), got shape {tuple(text_emb.shape)}")
+        self.dense_fn, self.text_emb = dense_fn, text_emb
+        self.crop, self.stride, self.batch_size, self.patch_size = crop, stride, batch_size, patch_size
+        self.small_window = small_window
+        self.forwards = 0
+        self._texts: dict[torch.device, Tensor] = {}  # the normalised queries on each image device
+        self._images: list[_Canvas] = []  # added, not yet returned
+        self._pending: list[tuple[_Canvas, tuple[int, int, int, int]]] = []  # windows not yet run
+
+    @classmethod
+    def of(cls, dense_fn: DenseFn, text_emb: Tensor, settings: ZeroShotConfig) -> WindowBatcher:
+        """The batcher of the harness settings."""
+        return cls(dense_fn, text_emb, settings.crop, settings.stride, settings.batch_size, settings.patch_size,
+                   settings.small_window)
+
+    def add(self, key: Any, image: Tensor) -> list[tuple[Any, Tensor]]:
+        """Queue the windows of a normalised image (1, 3, H, W) or (3, H, W); run every full batch."""
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"image must be (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
+        plan = _window_plan(image.shape[-2], image.shape[-1], self.crop, self.stride, self.patch_size,
+                            self.small_window)
+        entry = _Canvas(key, image, plan, self.text_emb.shape[0])
+        self._images.append(entry)
+        if self._pending and self._pending[0][0].plan[1:] != plan[1:]:
+            self._run()
+        for box in plan.boxes:
+            self._pending.append((entry, box))
+            if len(self._pending) == self.batch_size:
+                self._run()
+        return self._finished()
+
+    def finish(self) -> list[tuple[Any, Tensor]]:
+        """Run the windows left; return the remaining images."""
+        if self._pending:
+            self._run()
+        return self._finished()
+
+    def _finished(self) -> list[tuple[Any, Tensor]]:
+        done = []
+        while self._images and self._images[0].remaining == 0:
+            entry = self._images.pop(0)
+            done.append((entry.key, entry.canvas / entry.count))
+        return done
+
+    def _text(self, device: torch.device) -> Tensor:
+        if device not in self._texts:
+            self._texts[device] = F.normalize(self.text_emb.to(device, torch.float32), dim=-1)
+        return self._texts[device]
+
+    def _run(self) -> None:
+        """One forward of the pending windows (one size); their logits go into their images' canvases."""
+        chunk, self._pending = self._pending, []
+        first = chunk[0][0]
+        (read_h, read_w), (left, right, top, bottom), (crop_h, crop_w) = first.plan[1:]
+        device = first.image.device
+        crops = torch.stack([entry.image[0, :, y0:y0 + read_h, x0:x0 + read_w].to(device)
+                             for entry, (y0, _, x0, _) in chunk])
         if left or right or top or bottom:
             crops = F.pad(crops, (left, right, top, bottom))
-        features = _dense_forward(dense_fn, crops).to(image.device, torch.float32)
+        features = _dense_forward(self.dense_fn, crops).to(device, torch.float32)
+        self.forwards += 1
+        text = self._text(device)
         if features.shape[-1] != text.shape[1]:
             raise ValueError(f"feature dim {features.shape[-1]} does not match text_emb dim {text.shape[1]}")
         logits = (F.normalize(features, dim=-1) @ text.T).permute(0, 3, 1, 2)  # (b, Q, h, w)
@@ -283,10 +378,10 @@ def sliding_window_logits(
         logits = F.interpolate(logits, size=(top + crop_h + bottom, left + crop_w + right), mode="bilinear",
                                align_corners=False)
         logits = logits[:, :, top:top + crop_h, left:left + crop_w]
-        for (y0, y1, x0, x1), crop_logits in zip(chunk, logits):
-            canvas[:, y0:y1, x0:x1] += crop_logits
-            count[:, y0:y1, x0:x1] += 1
-    return canvas / count
+        for (entry, (y0, y1, x0, x1)), crop_logits in zip(chunk, logits):
+            entry.canvas[:, y0:y1, x0:x1] += crop_logits.to(entry.canvas.device)
+            entry.count[:, y0:y1, x0:x1] += 1
+            entry.remaining -= 1
 
 
 # ---------------------------------------------------------------- decision
@@ -362,10 +457,15 @@ def segment_image(
 ) -> ZeroShotPrediction:
     """Zero-shot segmentation of one uint8 RGB image (3, H, W) at its original size; runs on ``text_emb``'s
     device, ``dense_fn`` as it is (wrap it with :func:`precision_dense_fn` for autocast)."""
+    batcher = WindowBatcher.of(dense_fn, text_emb, settings)
+    finished = batcher.add(None, _prepare(image, settings, mean, std, text_emb.device)) + batcher.finish()
+    return _prediction(finished[0][1], image, query_to_class, num_classes, settings)
+
+
+def _prediction(logits: Tensor, image: Tensor, query_to_class: Sequence[int] | Tensor, num_classes: int,
+                settings: ZeroShotConfig) -> ZeroShotPrediction:
+    """The prediction of an image from its window-averaged logits (resized back to the image's size first)."""
     height, width = image.shape[-2:]
-    x = _prepare(image, settings, mean, std, text_emb.device)
-    logits = sliding_window_logits(dense_fn, x, text_emb, settings.crop, settings.stride, settings.batch_size,
-                                   settings.patch_size, settings.small_window)
     if logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits.unsqueeze(0), size=(height, width), mode="bilinear",
                                align_corners=False).squeeze(0)
@@ -436,7 +536,8 @@ def evaluate_zero_shot_heads(
     """:func:`evaluate_zero_shot` of several heads on one dataset, each sample read (decoded, rendered) once for all
     of them: ``({head: {"mIoU", "num_images"}}, kept)``; ``kept`` holds the first ``keep`` samples with every head's
     :class:`ZeroShotPrediction` (for the figures, :func:`zero_shot_maps`). Each head's numbers equal its own
-    :func:`evaluate_zero_shot`."""
+    :func:`evaluate_zero_shot`. Each head's windows of consecutive images share forwards (:class:`WindowBatcher`:
+    up to ``settings.batch_size`` windows each), so a few images are held until their last window has run."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     dataset_classes = len(getattr(dataset, "class_names", []) or [])
@@ -449,22 +550,34 @@ def evaluate_zero_shot_heads(
     device = text_emb.device
     metrics = {name: MulticlassJaccardIndex(num_classes, ignore_index=ignore_index, average="macro").to(device)
                for name in heads}
+    batchers = {name: WindowBatcher.of(head.dense_fn, text_emb, settings) for name, head in heads.items()}
+    samples: dict[int, Any] = {}  # read, not yet scored by every head
+    done: dict[int, dict[str, ZeroShotPrediction]] = {}
     kept = []
+
+    def score(name: str, finished: list[tuple[Any, Tensor]]) -> None:
+        for index, logits in finished:
+            sample = samples[index]
+            prediction = _prediction(logits, sample.image, query_to_class, num_classes, settings)
+            if prediction.pred.shape != sample.label.shape:
+                raise ValueError(f"sample {sample.name}: label shape {tuple(sample.label.shape)} does not match the "
+                                 f"image size {tuple(prediction.pred.shape)}")
+            metrics[name].update(prediction.pred.unsqueeze(0), sample.label.to(device).unsqueeze(0))
+            done.setdefault(index, {})[name] = prediction
+            if len(done[index]) == len(heads):  # samples complete in order: each batcher returns them in order
+                if index < keep:
+                    kept.append((sample, {head: done[index][head] for head in heads}))
+                del samples[index], done[index]
+
     for index in range(total):
         sample = dataset[index]
         if sample.label is None:
             raise ValueError(f"sample {index} ({sample.name}) has no segmentation label")
-        predictions = {}
-        for name, head in heads.items():
-            predictions[name] = segment_image(head.dense_fn, sample.image, text_emb, query_to_class, num_classes,
-                                              settings, head.mean, head.std)
-            pred = predictions[name].pred
-            if pred.shape != sample.label.shape:
-                raise ValueError(f"sample {sample.name}: label shape {tuple(sample.label.shape)} does not match the "
-                                 f"image size {tuple(pred.shape)}")
-            metrics[name].update(pred.unsqueeze(0), sample.label.to(device).unsqueeze(0))
-        if index < keep:
-            kept.append((sample, predictions))
+        samples[index] = sample
+        for name, head in heads.items():  # windows of consecutive images share forwards (WindowBatcher)
+            score(name, batchers[name].add(index, _prepare(sample.image, settings, head.mean, head.std, device)))
+    for name, batcher in batchers.items():
+        score(name, batcher.finish())
     return {name: {"mIoU": 100.0 * float(metric.compute()), "num_images": total}
             for name, metric in metrics.items()}, kept
 

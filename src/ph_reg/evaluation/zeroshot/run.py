@@ -2,8 +2,10 @@
 zero-shot figures.
 
 Heads are the training-free CLIP heads of :mod:`ph_reg.evaluation.zeroshot` (``vanilla``, ``maskclip``, ``sclip``,
-``clearclip``, ``naclip``, ``maskclip_tta``) built on the student's base model, plus ``ph_reg``: the distilled
-student itself.
+``clearclip``, ``naclip``, ``maskclip_tta``) built on the student's base model, the test-time-register heads ``ttr``
+and ``ttr_maskclip`` (the base model with the vanilla / MaskCLIP head carrying the test-time registers of the
+``register_neurons`` artifact, :mod:`ph_reg.models.test_time_registers`), plus ``ph_reg``: the distilled student
+itself.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from torch import Tensor, nn
 
 from ph_reg.config import from_mapping
 from ph_reg.evaluation.benchmarks import DenseDataset, build_dataset
-from ph_reg.evaluation.zeroshot.harness import (ZeroShotConfig, ZeroShotHead, backbone_head,
+from ph_reg.evaluation.zeroshot.harness import (TTR_HEADS, ZeroShotConfig, ZeroShotHead, backbone_head,
                                                 evaluate_zero_shot_heads, make_dense_fn, model_dense_fn,
                                                 precision_dense_fn, zero_shot_maps)
 from ph_reg.evaluation.zeroshot.templates import load_class_file, parse_class_lines
 from ph_reg.evaluation.zeroshot.text import build_text_encoder, text_embeddings
 from ph_reg.method.tta import TTAConfig
 from ph_reg.models import BackboneConfig, build_backbone
+from ph_reg.models.test_time_registers import attach_from_artifact
 from ph_reg.reporting.figures import class_palette, zero_shot_figure
 from ph_reg.runtime import DEFAULT_PRECISION
 
-__all__ = ["STUDENT_HEAD", "CLASSES_FROM_DATASET", "selected", "class_lines", "head_model", "zero_shot_run",
-           "zero_shot_evaluation", "zero_shot_figures"]
+__all__ = ["STUDENT_HEAD", "CLASSES_FROM_DATASET", "selected", "class_lines", "check_register_neurons", "head_model",
+           "zero_shot_run", "zero_shot_evaluation", "zero_shot_figures"]
 
 STUDENT_HEAD = "ph_reg"
 CLASSES_FROM_DATASET = "dataset"
@@ -50,15 +53,35 @@ def class_lines(classes: str | Sequence[str], dataset: DenseDataset) -> list[str
     return list(classes)
 
 
-def head_model(head: str, base: BackboneConfig, student: nn.Module) -> nn.Module:
+def check_register_neurons(heads: Sequence[str], register_neurons: Mapping[str, Any] | None) -> None:
+    """A clear error when a test-time-register head (:data:`TTR_HEADS`) is asked for without the artifact."""
+    wanted = [head for head in heads if head in TTR_HEADS]
+    if wanted and register_neurons is None:
+        raise ValueError(f"evaluation.zero_shot.heads names {wanted}, which need the register-neuron artifact "
+                         f"(register_neurons, data/04_feature/register_neurons.json from the test_time_registers "
+                         f"pipeline); none was given: run that pipeline first or drop the heads")
+
+
+def head_model(head: str, base: BackboneConfig, student: nn.Module,
+               register_neurons: Mapping[str, Any] | None = None) -> nn.Module:
     """The eval-mode model a zero-shot head runs: the student for ``ph_reg``, else the base model with the head, a
     frozen model (``student`` False): under ``pos_embed_interp: official`` it keeps the pretrained positional
-    embedding and resizes it once to each crop's grid (NACLIP/SCLIP), never the img_size table again."""
+    embedding and resizes it once to each crop's grid (NACLIP/SCLIP), never the img_size table again. The
+    :data:`TTR_HEADS` carry the test-time registers of ``register_neurons`` (a ``neuron_artifact``, required by
+    them)."""
     if head == STUDENT_HEAD:
         return student.eval()
     config = BackboneConfig.from_dict({**base.to_dict(), "head": backbone_head(head), "num_registers": 0,
                                        "student": False})
-    return build_backbone(config).eval()
+    model = build_backbone(config).eval()
+    if head in TTR_HEADS:
+        check_register_neurons([head], register_neurons)
+        try:
+            attach_from_artifact(model, register_neurons)
+        except ValueError as error:
+            raise ValueError(f"evaluation.zero_shot.heads: head {head!r} ({config.head!r} with test-time "
+                             f"registers): {error}") from error
+    return model
 
 
 class _Benchmark(NamedTuple):
@@ -89,11 +112,12 @@ def _prepare_benchmarks(base: BackboneConfig, benchmarks: Mapping[str, Mapping[s
 
 
 def _heads(student: nn.Module, base: BackboneConfig, heads: Sequence[str], tta: TTAConfig | None, seed: int,
-           device: torch.device, precision: str) -> dict[str, ZeroShotHead]:
+           device: torch.device, precision: str, register_neurons: Mapping[str, Any] | None = None,
+           ) -> dict[str, ZeroShotHead]:
     """Every head's model, built once, as the harness runs it (its dense function at ``precision``)."""
     built = {}
     for head in heads:
-        model = head_model(head, base, student).to(device)
+        model = head_model(head, base, student, register_neurons).to(device)
         dense_fn = model_dense_fn(model) if head == STUDENT_HEAD else make_dense_fn(model, head, tta, seed)
         built[head] = ZeroShotHead(precision_dense_fn(dense_fn, precision), model.mean, model.std)
     return built
@@ -103,6 +127,7 @@ def zero_shot_run(student: nn.Module, base: BackboneConfig, heads: Sequence[str]
                   benchmarks: Mapping[str, Mapping[str, Any]], figure: Mapping[str, Any] | None = None,
                   tta: TTAConfig | None = None, seed: int = 0, device: torch.device | None = None,
                   text_batch_size: int = 256, max_samples: int | None = None, precision: str = DEFAULT_PRECISION,
+                  register_neurons: Mapping[str, Any] | None = None,
                   ) -> tuple[dict[str, dict[str, float]], dict[str, Figure]]:
     """``({head: {benchmark: mIoU}}, figures)``: every head on every benchmark, and the zero-shot figures.
 
@@ -112,16 +137,18 @@ def zero_shot_run(student: nn.Module, base: BackboneConfig, heads: Sequence[str]
     figures. The work is shared: the text tower is built once and each benchmark's queries are embedded once;
     each head's model is built once; each image is read once for all heads; the figures reuse the evaluation's
     predictions of their images. Every head's image forward runs at ``precision`` (``evaluation.precision``, see
-    :data:`ph_reg.runtime.PRECISIONS`).
+    :data:`ph_reg.runtime.PRECISIONS`). ``register_neurons``: the detection artifact the ``ttr`` heads attach
+    (:func:`ph_reg.models.test_time_registers.neuron_artifact` form; required by them only).
     """
     if base.family != "open_clip":
         raise ValueError(f"zero-shot segmentation needs an open_clip backbone, got {base.arch!r}")
+    check_register_neurons(heads, register_neurons)   # before the text tower and the datasets are built
     device = device or torch.device("cpu")
     specs = dict(benchmarks)
     if figure is not None and figure["benchmark"] not in specs:
         specs[figure["benchmark"]] = figure["spec"]
     prepared = _prepare_benchmarks(base, specs, device, text_batch_size)
-    models = _heads(student, base, heads, tta, seed, device, precision)
+    models = _heads(student, base, heads, tta, seed, device, precision, register_neurons)
     results: dict[str, dict[str, float]] = {head: {} for head in heads}
     kept: list = []
     with torch.no_grad():
@@ -164,18 +191,22 @@ def _figures(models: Mapping[str, ZeroShotHead], bench: _Benchmark, figure: Mapp
 def zero_shot_evaluation(student: nn.Module, base: BackboneConfig, heads: Sequence[str],
                          benchmarks: Mapping[str, Mapping[str, Any]], tta: TTAConfig | None = None, seed: int = 0,
                          device: torch.device | None = None, text_batch_size: int = 256,
-                         max_samples: int | None = None, precision: str = DEFAULT_PRECISION) -> dict[str, dict[str, float]]:
+                         max_samples: int | None = None, precision: str = DEFAULT_PRECISION,
+                         register_neurons: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """``{head: {benchmark: mIoU}}`` for every head on every benchmark (:func:`zero_shot_run` without figures)."""
     return zero_shot_run(student, base, heads, benchmarks, None, tta=tta, seed=seed, device=device,
-                         text_batch_size=text_batch_size, max_samples=max_samples, precision=precision)[0]
+                         text_batch_size=text_batch_size, max_samples=max_samples, precision=precision,
+                         register_neurons=register_neurons)[0]
 
 
 def zero_shot_figures(student: nn.Module, base: BackboneConfig, heads: Sequence[str], benchmark: Mapping[str, Any],
                       images: int, query: str, tta: TTAConfig | None = None, seed: int = 0,
                       device: torch.device | None = None, precision: str = DEFAULT_PRECISION,
-                      name: str | None = None) -> dict[str, Figure]:
+                      name: str | None = None, register_neurons: Mapping[str, Any] | None = None,
+                      ) -> dict[str, Figure]:
     """Per image: the image, its ground truth and the colour-to-class legend, then every head with its prediction,
     the probability map of ``query`` and a PCA map (``name``: the benchmark's name, for the titles). Only the
     figures; :func:`zero_shot_run` draws them from the evaluation's own predictions."""
     figure = {"benchmark": name, "images": images, "query": query, "spec": benchmark}
-    return zero_shot_run(student, base, heads, {}, figure, tta=tta, seed=seed, device=device, precision=precision)[1]
+    return zero_shot_run(student, base, heads, {}, figure, tta=tta, seed=seed, device=device, precision=precision,
+                         register_neurons=register_neurons)[1]

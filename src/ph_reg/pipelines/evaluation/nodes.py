@@ -69,11 +69,17 @@ def evaluate_artifacts(images: ShardReader, targets: ShardReader, student_weight
 
 
 def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, Tensor],
-                               student_config: dict[str, Any], probe_metrics: dict[str, Any], params: dict[str, Any],
-                               denoising: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, Figure]:
-    """The planted-artifact benchmark (ground truth known): clean model, implanted teacher, target and student."""
+                               student_config: dict[str, Any], probe_metrics: dict[str, Any],
+                               register_neurons: dict[str, Any], params: dict[str, Any], denoising: dict[str, Any],
+                               distillation: dict[str, Any], seed: int) -> tuple[dict[str, Any], str, Figure]:
+    """The planted-artifact benchmark (ground truth known): clean model, implanted teacher, target, student, the
+    teacher with test-time registers (``ttr``, from ``register_neurons``) and, with ``evaluation.planted.both``, a
+    student distilled from that teacher with student_distillation's recipe (``both``)."""
     from ph_reg.config import from_mapping
     from ph_reg.evaluation.planted import planted_artifact_evaluation
+    from ph_reg.evaluation.planted_ttr import both_student, neuron_summary, ttr_teacher
+    from ph_reg.method.config import StudentDistillationConfig
+    from ph_reg.method.data import image_crops
     from ph_reg.reporting.figures import message_figure
     from ph_reg.method.targets import TeacherDenoisingConfig
     from ph_reg.models import BackboneConfig, build_backbone
@@ -95,11 +101,19 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, T
         raise ValueError(f"evaluation.planted: no images in split {params['split']!r}")
     pixels = images.stack("image", indices)
     config = from_mapping(TeacherDenoisingConfig, denoising, "teacher_denoising")
+    extra = {"ttr": ttr_teacher(teacher, register_neurons)}
+    details = {"test_time_registers": neuron_summary(teacher, register_neurons), "rows_skipped": {}}
+    if settings["both"]:
+        recipe = from_mapping(StudentDistillationConfig, distillation, "student_distillation")
+        crops = list(image_crops(images, images.indices(split=recipe.train_split)).values())
+        extra["both"] = both_student(student_config, extra["ttr"], images, crops, recipe, config, seed, device)
+    else:
+        details["rows_skipped"]["both"] = "evaluation.planted.both is false (it costs one more denoising and training)"
     report, markdown, figure = planted_artifact_evaluation(
         teacher, student, pixels, seed, config.tta, reference_views=settings["reference_views"],
         k=params["outlier_k"], low_cosine=settings["low_cosine"], batch_size=config.batch_size,
-        figure_images=params["figure_images"],
-        probes=probe_metrics.get("results"), max_images_per_forward=config.max_images_per_forward)
+        figure_images=params["figure_images"], probes=probe_metrics.get("results"),
+        max_images_per_forward=config.max_images_per_forward, extra=extra, details=details)
     header = (f"{title}The teacher carries a planted-artifact implant (`backbone.implant`, see the README); the clean "
               "model is the same network without it, so the artifact tokens and the clean features are known "
               f"exactly. The reference (clean_tta) is the clean model denoised with {settings['reference_views']} "
@@ -123,10 +137,11 @@ def _is_random(config: BackboneConfig) -> bool:
 
 
 def evaluate_zero_shot(student_weights: dict[str, Tensor], student_config: dict[str, Any],
-                             params: dict[str, Any], denoising: dict[str, Any],
-                             seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
+                       register_neurons: dict[str, Any], params: dict[str, Any], denoising: dict[str, Any],
+                       seed: int) -> tuple[dict[str, Any], str, dict[str, Figure]]:
     """Zero-shot open-vocabulary segmentation (Table 1): metrics JSON, Markdown and figures. The ``maskclip_tta``
-    head denoises with ``teacher_denoising.tta``, with ``evaluation.zero_shot.tta_views`` views."""
+    head denoises with ``teacher_denoising.tta``, with ``evaluation.zero_shot.tta_views`` views; the ``ttr`` heads
+    carry the test-time registers of ``register_neurons`` (the test_time_registers pipeline's artifact)."""
     import dataclasses
 
     from ph_reg.config import from_mapping
@@ -152,7 +167,8 @@ def evaluate_zero_shot(student_weights: dict[str, Tensor], student_config: dict[
                               n_views=settings["tta_views"])
     figure = {**settings["figure"], "spec": settings["benchmarks"][settings["figure"]["benchmark"]]}
     results, figures = zero_shot_run(student, base, settings["heads"], benchmarks, figure, tta=tta, seed=seed,
-                                     device=device, text_batch_size=settings["text_batch_size"], precision=precision)
+                                     device=device, text_batch_size=settings["text_batch_size"], precision=precision,
+                                     register_neurons=register_neurons)
     table, markdown = table1(results)
     header = "# Zero-shot open-vocabulary segmentation (mIoU %, Table 1 format)\n\n"
     if _is_random(base):
@@ -161,8 +177,10 @@ def evaluate_zero_shot(student_weights: dict[str, Tensor], student_config: dict[
 
 
 def cache_probe_features(student_weights: dict[str, Tensor], student_config: dict[str, Any],
-                         params: dict[str, Any], seed: int) -> dict[str, RecordStream]:
-    """Frozen features of teacher and student for every probe benchmark, computed once (the probe cache)."""
+                         register_neurons: dict[str, Any], params: dict[str, Any], seed: int
+                         ) -> dict[str, RecordStream]:
+    """Frozen features of teacher and student (and, with ``evaluation.probes.ttr``, the teacher with the test-time
+    registers of ``register_neurons``) for every probe benchmark, computed once (the probe cache)."""
     from ph_reg.evaluation.probes.run import probe_feature_streams, probe_models, selected_tasks
     from ph_reg.runtime import check_precision, resolve_device
 
@@ -170,19 +188,21 @@ def cache_probe_features(student_weights: dict[str, Tensor], student_config: dic
     device = resolve_device(params["device"])
     settings = params["probes"]
     student, base = load_evaluated_student(student_weights, student_config, device)
-    models = {name: model.to(device) for name, model in probe_models(student, base, settings["teacher_head"]).items()}
+    built = probe_models(student, base, settings["teacher_head"], settings["ttr"], register_neurons)
+    models = {name: model.to(device) for name, model in built.items()}
     return probe_feature_streams(models, selected_tasks(settings["tasks"], settings["run"]), seed,
                                  feature_dtype=settings["feature_dtype"], batch_size=params["batch_size"],
                                  precision=precision, mode=settings["mode"])
 
 
 def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str, Tensor],
-                    student_config: dict[str, Any], params: dict[str, Any], seed: int
-                    ) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
+                    student_config: dict[str, Any], register_neurons: dict[str, Any], params: dict[str, Any],
+                    seed: int) -> tuple[dict[str, Any], str, dict[str, pd.DataFrame]]:
     """Train the linear probes and report them in the paper's Table 2 format, with the training curves (one CSV
     per ``<task>-<benchmark>-<model>``: iteration, loss). ``evaluation.probes.mode``: ``cached`` trains from the
     train feature cache; ``online`` recomputes the teacher's and student's features for every batch under the
-    official augmentation (the models are built here; the val side reads the cache in both modes)."""
+    official augmentation (the models are built here, the ``ttr`` one with ``register_neurons``; the val side reads
+    the cache in both modes)."""
     from ph_reg.evaluation.probes.run import probe_models, run_probes, selected_tasks
     from ph_reg.reporting.tables import RANDOM_WEIGHTS_WARNING, table2
     from ph_reg.models import BackboneConfig
@@ -196,7 +216,7 @@ def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str,
     if mode == "online":
         device = resolve_device(params["device"])
         student, base = load_evaluated_student(student_weights, student_config, device)
-        built = probe_models(student, base, settings["teacher_head"])
+        built = probe_models(student, base, settings["teacher_head"], settings["ttr"], register_neurons)
         models = {name: model.to(device) for name, model in built.items()}
     curves: dict[str, list[float]] = {}
     results = run_probes(features, selected_tasks(settings["tasks"], settings["run"]), seed, curves=curves, mode=mode,
@@ -208,8 +228,12 @@ def evaluate_probes(features: dict[str, ShardReader], student_weights: dict[str,
                                                                     "loss": losses})
     table, markdown = table2(results, settings.get("published"))
     base = BackboneConfig.from_dict(student_config["teacher"])
-    header = (f"# Linear probes (Table 2 format)\n\nteacher = the base model with the `{settings['teacher_head']}` "
-              f"head; student = the distilled PH-Reg student.\n\n")
+    rows = (f"teacher = the base model with the `{settings['teacher_head']}` head; student = the distilled PH-Reg "
+            f"student")
+    if settings["ttr"]:
+        rows += (f"; ttr = the teacher with test-time registers ({len(register_neurons['neurons'])} register neurons "
+                 f"of register_neurons)")
+    header = f"# Linear probes (Table 2 format)\n\n{rows}.\n\n"
     if _is_random(base):
         header += f"**{RANDOM_WEIGHTS_WARNING}**\n\n"
     return {"results": results, "table": table, "random_weights": _is_random(base)}, header + markdown, curve_frames

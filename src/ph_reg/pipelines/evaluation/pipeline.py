@@ -23,28 +23,30 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=evaluate_zero_shot,
-                inputs=["evaluated_student_weights", "evaluated_student_config", "params:evaluation",
-                        "params:teacher_denoising", "params:seed"],   # teacher_denoising.tta: the maskclip_tta head
+                inputs=["evaluated_student_weights", "evaluated_student_config", "register_neurons",
+                        "params:evaluation", "params:teacher_denoising", "params:seed"],   # tta: maskclip_tta
                 outputs=["zero_shot_metrics", "zero_shot_report", "zero_shot_figures"],
                 name="evaluate_zero_shot",
             ),
             Node(
                 func=cache_probe_features,
-                inputs=["evaluated_student_weights", "evaluated_student_config", "params:evaluation", "params:seed"],
+                inputs=["evaluated_student_weights", "evaluated_student_config", "register_neurons",
+                        "params:evaluation", "params:seed"],
                 outputs="probe_features",
                 name="cache_probe_features",
             ),
             Node(
                 func=evaluate_probes,
                 inputs=["probe_features", "evaluated_student_weights", "evaluated_student_config",
-                        "params:evaluation", "params:seed"],
+                        "register_neurons", "params:evaluation", "params:seed"],
                 outputs=["probe_metrics", "probe_report", "probe_curves"],
                 name="evaluate_probes",
             ),
             Node(
                 func=evaluate_planted_artifacts,
                 inputs=["prepared_images", "evaluated_student_weights", "evaluated_student_config", "probe_metrics",
-                        "params:evaluation", "params:teacher_denoising", "params:seed"],
+                        "register_neurons", "params:evaluation", "params:teacher_denoising",
+                        "params:student_distillation", "params:seed"],   # the rows ttr and both
                 outputs=["planted_artifact_metrics", "planted_artifact_report", "planted_artifact_figure"],
                 name="evaluate_planted_artifacts",
             ),

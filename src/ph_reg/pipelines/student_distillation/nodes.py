@@ -36,7 +36,7 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
     :func:`train_student` (the teacher: its backbone config and the ``teacher_denoising`` section).
     """
     from ph_reg.data.sources import source_items
-    from ph_reg.method.data import RandomCrops, StoredImageLoader, TargetPairs
+    from ph_reg.method.data import RandomCrops, StoredImageLoader, TargetPairs, image_crops
     from ph_reg.method.targets import OnlineTargets
     from ph_reg.models import build_backbone
     from ph_reg.params import check_resolution, patch_size
@@ -63,16 +63,6 @@ def training_dataset(student: DenseViT, images: ShardReader, targets: ShardReade
                           min_side=data.min_side, max_pixels=data.max_image_pixels, raw=True)
     online = OnlineTargets(build_backbone(teacher_config), seed, denoising.tta, denoising.max_images_per_forward)
     return dataset, online
-
-
-def image_crops(images: ShardReader, indices: list[int]) -> dict[str, list[int]]:
-    """The prepared records of each image among ``indices``, by image name (in store order), each list ordered
-    by crop number: ``data_preparation.crops_per_image`` records per image."""
-    crops: dict[str, list[tuple[int, int]]] = {}
-    for i in indices:
-        meta = images.meta(i)
-        crops.setdefault(meta["name"], []).append((meta.get("crop", 0), i))
-    return {name: [i for _, i in sorted(records)] for name, records in crops.items()}
 
 
 def train_student(student: DenseViT, images: ShardReader, targets: ShardReader, backbone: dict[str, Any],
