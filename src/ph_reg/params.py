@@ -419,11 +419,6 @@ def validate_parameters(params: Mapping[str, Any], sections: Sequence[str] | Non
         evaluation = params.get("evaluation")
         if isinstance(evaluation, Mapping) and evaluation.get("student_snapshot") is not None:
             check_student_snapshot(evaluation["student_snapshot"], distill_params)
-        planted = evaluation.get("planted") if isinstance(evaluation, Mapping) else None
-        if (backbone.get("implant") is not None and isinstance(planted, Mapping) and planted.get("both") is True
-                and distill_params.targets != "cached"):   # the row distils on cached targets only
-            raise ConfigError("evaluation.planted.both", True, "false", reason="the 'both' row distils on cached "
-                              "targets, but student_distillation.targets is 'online': set evaluation.planted.both: false")
     if "test_time_registers" in wanted:
         result["register_detector"], result["test_time_registers"] = register_detection_params(
             backbone, params["test_time_registers"])

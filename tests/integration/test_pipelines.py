@@ -62,7 +62,7 @@ def test_every_component_pipeline_end_to_end(tmp_path, monkeypatch, env_files):
 
     zero_shot = json.loads((project / "data/08_reporting/zero_shot.json").read_text())
     if env_files is TINY_OPEN_CLIP:
-        assert set(zero_shot["results"]) == {"naclip", "maskclip_tta", "ph_reg"}
+        assert set(zero_shot["results"]) == {"naclip", "maskclip_tta", "ttr", "ttr_maskclip", "ph_reg"}
         assert all(0.0 <= r["synthetic"] <= 100.0 for r in zero_shot["results"].values())
         assert "random weights" in (project / "data/08_reporting/zero_shot.md").read_text()
         assert (project / "data/08_reporting/zero_shot_figures/zero_shot_00.png").is_file()
@@ -70,17 +70,17 @@ def test_every_component_pipeline_end_to_end(tmp_path, monkeypatch, env_files):
         assert "open_clip" in zero_shot["skipped"]
 
     probes = json.loads((project / "data/08_reporting/probes.json").read_text())
-    assert set(probes["results"]) == {"clean", "teacher", "student"}  # clean: the model without the implant
+    assert set(probes["results"]) == {"clean", "teacher", "student", "ttr"}  # clean: without the implant
     for row in probes["results"].values():
         assert {"synthetic/mIoU", "synthetic/mAcc", "synthetic/RMSE", "synthetic/AbsRel", "synthetic/delta1"} <= set(row)
         assert 0 <= row["synthetic/mIoU"] <= 100 and row["synthetic/RMSE"] > 0
     stores = sorted(p.parent.relative_to(project / "data/05_model_input/probe_features").as_posix()
                     for p in (project / "data/05_model_input/probe_features").rglob("index.json"))
-    assert stores == sorted(f"{m}/{t}/synthetic/{s}" for m in ("clean", "student", "teacher")
+    assert stores == sorted(f"{m}/{t}/synthetic/{s}" for m in ("clean", "student", "teacher", "ttr")
                             for t in ("depth", "segmentation") for s in ("train", "val"))
     assert "| teacher |" in (project / "data/08_reporting/probes.md").read_text()
     curves = sorted(p.name for p in (project / "data/08_reporting/probe_curves").iterdir())
-    assert curves == sorted(f"{t}-synthetic-{m}.csv" for m in ("clean", "student", "teacher")
+    assert curves == sorted(f"{t}-synthetic-{m}.csv" for m in ("clean", "student", "teacher", "ttr")
                             for t in ("depth", "segmentation"))
     curve = (project / "data/08_reporting/probe_curves/depth-synthetic-student.csv").read_text().splitlines()
     assert curve[0] == "iteration,loss" and len(curve) == 1 + 5  # the tiny configuration: 5 probe iterations

@@ -31,7 +31,8 @@ from ph_reg.models import DenseViT, build_backbone, load_trainable_state_dict
 from ph_reg.models.test_time_registers import attach_from_artifact
 from ph_reg.runtime import module_device
 
-__all__ = ["ttr_teacher", "ttr_targets", "distill_from_ttr_teacher", "both_student", "neuron_summary"]
+__all__ = ["ttr_teacher", "ttr_targets", "distill_from_ttr_teacher", "both_skip_reason", "both_student",
+           "neuron_summary"]
 
 
 def ttr_teacher(teacher: DenseViT, register_neurons: Mapping[str, Any], where: str = "register_neurons") -> DenseViT:
@@ -82,6 +83,18 @@ def distill_from_ttr_teacher(student: DenseViT, teacher: DenseViT, images: Seque
     dataset = TargetPairs(images, targets, crops, student.mean, student.std, raw=True)
     return distill(student, dataset, dataclasses.replace(training, resume=False), seed, checkpoint_dir=None,
                    progress=progress, settings=settings, snapshots=snapshots)
+
+
+def both_skip_reason(wanted: bool, distillation: StudentDistillationConfig) -> str | None:
+    """Why the ``both`` row is not computed (shown in the report), or None when it is: ``evaluation.planted.both``
+    false, or online targets (the row distils on cached targets of the prepared crops, which online training does
+    not use; switching the pipeline to online targets stays two keys, the report says what it left out)."""
+    if not wanted:
+        return "evaluation.planted.both is false (it costs one more denoising and training)"
+    if distillation.targets != "cached":
+        return ("student_distillation.targets is 'online': the both row distils on cached targets of the prepared "
+                "crops only")
+    return None
 
 
 def both_student(student_config: Mapping[str, Any], teacher: DenseViT, images: Sequence[dict[str, torch.Tensor]],

@@ -18,7 +18,7 @@ from conftest import PROJECT_ROOT
 from ph_reg.config import ConfigError
 from ph_reg.evaluation.benchmarks import SyntheticScenes
 from ph_reg.evaluation.planted import planted_artifact_evaluation
-from ph_reg.evaluation.planted_ttr import (both_student, distill_from_ttr_teacher, neuron_summary, ttr_targets,
+from ph_reg.evaluation.planted_ttr import (both_skip_reason, both_student, distill_from_ttr_teacher, neuron_summary, ttr_targets,
                                           ttr_teacher)
 from ph_reg.method.config import DistillConfig, StudentDistillationConfig
 from ph_reg.method.student import build_student_from_config, student_config
@@ -175,10 +175,11 @@ def test_the_both_key_is_checked_before_the_run(base_params):
         validate_parameters(params)
     params = copy.deepcopy(base_params)
     params["student_distillation"]["targets"] = params["teacher_denoising"]["mode"] = "online"
-    with pytest.raises(ConfigError, match="evaluation.planted.both: the 'both' row distils on cached targets"):
-        validate_parameters(params)
-    params["evaluation"]["planted"]["both"] = False
-    validate_parameters(params)
+    validate_parameters(params)   # online targets: the row is skipped with its reason in the report
+    assert both_skip_reason(True, StudentDistillationConfig(targets="online")).startswith(
+        "student_distillation.targets is 'online'")
+    assert both_skip_reason(False, StudentDistillationConfig()).startswith("evaluation.planted.both is false")
+    assert both_skip_reason(True, StudentDistillationConfig()) is None
 
 
 def test_both_of_an_evaluated_snapshot_is_the_same_epochs_snapshot(teacher, artifact):

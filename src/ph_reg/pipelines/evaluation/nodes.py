@@ -77,7 +77,7 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, T
     student distilled from that teacher with student_distillation's recipe (``both``)."""
     from ph_reg.config import from_mapping
     from ph_reg.evaluation.planted import planted_artifact_evaluation
-    from ph_reg.evaluation.planted_ttr import both_student, neuron_summary, ttr_teacher
+    from ph_reg.evaluation.planted_ttr import both_skip_reason, both_student, neuron_summary, ttr_teacher
     from ph_reg.method.config import StudentDistillationConfig
     from ph_reg.method.data import image_crops
     from ph_reg.reporting.figures import message_figure
@@ -103,12 +103,13 @@ def evaluate_planted_artifacts(images: ShardReader, student_weights: dict[str, T
     config = from_mapping(TeacherDenoisingConfig, denoising, "teacher_denoising")
     extra = {"ttr": ttr_teacher(teacher, register_neurons)}
     details = {"test_time_registers": neuron_summary(teacher, register_neurons), "rows_skipped": {}}
-    if settings["both"]:
-        recipe = from_mapping(StudentDistillationConfig, distillation, "student_distillation")
+    recipe = from_mapping(StudentDistillationConfig, distillation, "student_distillation")
+    skipped = both_skip_reason(settings["both"], recipe)
+    if skipped is not None:
+        details["rows_skipped"]["both"] = skipped
+    else:
         crops = list(image_crops(images, images.indices(split=recipe.train_split)).values())
         extra["both"] = both_student(student_config, extra["ttr"], images, crops, recipe, config, seed, device)
-    else:
-        details["rows_skipped"]["both"] = "evaluation.planted.both is false (it costs one more denoising and training)"
     report, markdown, figure = planted_artifact_evaluation(
         teacher, student, pixels, seed, config.tta, reference_views=settings["reference_views"],
         k=params["outlier_k"], low_cosine=settings["low_cosine"], batch_size=config.batch_size,
