@@ -15,8 +15,8 @@ import torch
 from kedro.config import OmegaConfigLoader
 
 from conftest import PROJECT_ROOT
+from scene_support import scene_images
 from ph_reg.config import ConfigError
-from ph_reg.evaluation.benchmarks import SyntheticScenes
 from ph_reg.evaluation.planted import planted_artifact_evaluation
 from ph_reg.evaluation.planted_ttr import (both_skip_reason, both_student, distill_from_ttr_teacher, neuron_summary, ttr_targets,
                                           ttr_teacher)
@@ -36,8 +36,7 @@ DENOISING = TeacherDenoisingConfig(tta=TTAConfig(n_views=2), batch_size=2, max_i
 
 
 def scenes(n: int, split: str, seed: int) -> torch.Tensor:
-    dataset = SyntheticScenes(n, image_size=IMG, seed=seed, split=split)
-    return torch.stack([dataset[i].image for i in range(len(dataset))])
+    return scene_images(n, split, seed, IMG)
 
 
 def backbone(head: str, **kw) -> BackboneConfig:

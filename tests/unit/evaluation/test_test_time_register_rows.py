@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ph_reg.evaluation.benchmarks import SyntheticScenes
+from scene_support import scene_images
 from ph_reg.evaluation.probes.run import probe_feature_streams, probe_models, run_probes, write_probe_stores
 from ph_reg.evaluation.zeroshot import TTR_HEADS, ZERO_SHOT_HEADS, backbone_head, make_dense_fn
 from ph_reg.evaluation.zeroshot.run import head_model, zero_shot_evaluation, zero_shot_run
@@ -27,8 +27,7 @@ PLAIN = {"ttr": "vanilla", "ttr_maskclip": "maskclip"}
 
 
 def scenes(n: int, split: str, seed: int, size: int = IMG) -> torch.Tensor:
-    dataset = SyntheticScenes(n, image_size=size, seed=seed, split=split)
-    return torch.stack([dataset[i].image for i in range(len(dataset))])
+    return scene_images(n, split, seed, size)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from scene_support import scene_images
 from ph_reg.config import ConfigError
-from ph_reg.evaluation.benchmarks import SyntheticScenes
 from ph_reg.evaluation.planted import artifact_benchmark, benchmark_features
 from ph_reg.method.tta import TTAConfig
 from ph_reg.models import BackboneConfig, build_backbone, clean_copy
@@ -27,8 +27,7 @@ FAMILIES = [(TINY_CLIP, "naclip", -2), (TINY_CLIP, "vanilla", -1), (TINY_TIMM, "
 
 
 def scenes(n: int, split: str, seed: int) -> torch.Tensor:
-    dataset = SyntheticScenes(n, image_size=IMG, seed=seed, split=split)
-    return torch.stack([dataset[i].image for i in range(len(dataset))])
+    return scene_images(n, split, seed, IMG)
 
 
 @pytest.fixture(scope="module")
