@@ -273,26 +273,27 @@ def check_env(env: str, args, device: torch.device, clock: Clock, deadline: floa
         achieved = flop / (ms * 1e-3) / 1e12
         return f"{achieved:.1f} TFLOP/s" + (f" = {achieved / peak:.0%} of the bf16 peak" if peak else "")
 
+    def compiled(timing: dict) -> str:  # the compiled column of a tta_call / student_step result, when it ran
+        if "compiled_ms" not in timing:
+            return ""
+        speedup = timing["eager_ms"] / timing["compiled_ms"]
+        return (f"; compiled {timing['compiled_ms']:.1f} ms (x{speedup:.2f}, compile {timing['compile_s']:.0f} s, "
+                f"max |compiled - eager| {timing['max_diff']:.2e})")
+
     speeds: dict[str, float] = {}
 
     def tta() -> None:
         t = tta_call(r, teacher, device, clock, not args.no_compile)
         line = (f"   TTA call ({t['views']} views): eager {t['eager_ms']:.1f} ms, {tflops(t['flops'], t['eager_ms'])}, "
                 f"{t['flops'] / 1e12:.2f} TFLOP")
-        if "compiled_ms" in t:
-            line += (f"; compiled {t['compiled_ms']:.1f} ms (x{t['eager_ms'] / t['compiled_ms']:.2f}, compile "
-                     f"{t['compile_s']:.0f} s, max |compiled - eager| {t['max_diff']:.2e})")
-        print(line + f"; peak {peak_memory(device)}")
+        print(line + compiled(t) + f"; peak {peak_memory(device)}")
         speeds["tta_ms"] = min(t["eager_ms"], t.get("compiled_ms", math.inf))
 
     def step() -> None:
         s = student_step(r, student, device, clock, not args.no_compile)
         line = (f"   student step ({s['images']} images): eager {s['eager_ms']:.1f} ms, "
                 f"{tflops(s['flops'], s['eager_ms'])}, {s['images'] / s['eager_ms'] * 1e3:.0f} images/s")
-        if "compiled_ms" in s:
-            line += (f"; compiled {s['compiled_ms']:.1f} ms (x{s['eager_ms'] / s['compiled_ms']:.2f}, compile "
-                     f"{s['compile_s']:.0f} s, max |compiled - eager| {s['max_diff']:.2e})")
-        print(line + f"; peak {peak_memory(device)}")
+        print(line + compiled(s) + f"; peak {peak_memory(device)}")
 
     def loop(mode: str, sync_every: int) -> Callable[[], None]:
         def run() -> None:

@@ -168,6 +168,16 @@ def project(tmp_path_factory) -> Iterator[ProgrammaticProject]:
         os.chdir(previous)
 
 
+@pytest.fixture(scope="module")
+def base_params() -> dict[str, Any]:
+    """The parameters of conf/base as Kedro resolves them (globals included); copy before changing them."""
+    from kedro.config import OmegaConfigLoader
+
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="local",
+                               merge_strategy={"parameters": "soft", "globals": "soft"})
+    return loader["parameters"]
+
+
 INTEGRATION = PROJECT_ROOT / "tests" / "integration"
 
 

@@ -8,9 +8,7 @@ import copy
 import dataclasses
 
 import pytest
-from kedro.config import OmegaConfigLoader
 
-from conftest import PROJECT_ROOT
 from ph_reg.config import ConfigError, from_mapping
 from ph_reg.data.prepare import DataPreparationConfig
 from ph_reg.hooks import parameter_sections
@@ -19,13 +17,6 @@ from ph_reg.method.targets import TeacherDenoisingConfig
 from ph_reg.method.tta import MAX_IMAGES_PER_FORWARD, TTAConfig
 from ph_reg.params import validate_parameters
 from ph_reg.pipeline_registry import register_pipelines
-
-
-@pytest.fixture(scope="module")
-def base_params():
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="local",
-                               merge_strategy={"parameters": "soft", "globals": "soft"})
-    return loader["parameters"]
 
 
 def test_the_teacher_denoising_section_gives_one_tta_config(base_params):

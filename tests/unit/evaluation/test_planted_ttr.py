@@ -12,9 +12,7 @@ import json
 
 import pytest
 import torch
-from kedro.config import OmegaConfigLoader
 
-from conftest import PROJECT_ROOT
 from scene_support import scene_images
 from ph_reg.config import ConfigError
 from ph_reg.evaluation.planted import planted_artifact_evaluation
@@ -157,13 +155,6 @@ def test_both_refuses_a_plain_teacher_online_targets_and_no_crops(teacher, artif
         both_student(the_student_config(), ttr, images, [[0]], online, DENOISING, 0, "cpu")
     with pytest.raises(ValueError, match="no prepared image has split 'train'"):
         both_student(the_student_config(), ttr, images, [], recipe(), DENOISING, 0, "cpu")
-
-
-@pytest.fixture(scope="module")
-def base_params():
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="local",
-                               merge_strategy={"parameters": "soft", "globals": "soft"})
-    return loader["parameters"]
 
 
 def test_the_both_key_is_checked_before_the_run(base_params):
